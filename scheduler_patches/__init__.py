@@ -1,0 +1,1 @@
+"""Engine-core side of UniPrefill, installed as `uniprefill.scheduler_patches`."""

@@ -1,0 +1,128 @@
+"""UniPrefill settings: one strict, frozen object built from `additional_config["uniprefill"]`.
+
+This module imports neither vLLM nor torch; model facts (depth, layer kinds) come in as plain
+values so validation is testable without an engine.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+CONFIG_KEY = "uniprefill"  # the key of vLLM's additional_config that carries these settings
+FULL_ATTENTION = "full_attention"
+
+
+@dataclass(frozen=True, slots=True)
+class UniPrefillConfig:
+    """Settings of the selection rule (DESIGN.md 1.1) and of where it runs.
+
+    enabled: master switch; `additional_config={"uniprefill": {}}` alone turns UniPrefill on.
+    p: top-p mass of block scores to keep, in (0, 1]; 1.0 keeps every token.
+    block_size: tokens per scored block (a power of two).
+    sink: leading tokens always kept.
+    last_q: number of trailing queries that score the prompt; those tokens are always kept.
+    drop_layers: "auto" (chosen from the model's layer kinds) or explicit layer indices; each
+        must be a full-attention layer.
+    min_prompt_len: prompts shorter than this are never pruned.
+    """
+
+    enabled: bool = True
+    p: float = 0.99
+    block_size: int = 64
+    sink: int = 128
+    last_q: int = 128
+    drop_layers: str | tuple[int, ...] = "auto"
+    min_prompt_len: int = 1024
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.enabled, bool):
+            raise ValueError(f"uniprefill.enabled must be true or false, got {self.enabled!r}")
+        if isinstance(self.p, bool) or not isinstance(self.p, int | float):
+            raise ValueError(f"uniprefill.p must be a number in (0, 1], got {self.p!r}")
+        if not 0.0 < self.p <= 1.0:
+            raise ValueError(f"uniprefill.p must be in (0, 1], got {self.p}")
+        for name in ("block_size", "sink", "last_q", "min_prompt_len"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"uniprefill.{name} must be a non-negative integer, got {value!r}")
+        if self.block_size == 0 or self.block_size & (self.block_size - 1):
+            raise ValueError(
+                f"uniprefill.block_size must be a power of two (e.g. 64), got {self.block_size}"
+            )
+        if self.last_q == 0:
+            raise ValueError("uniprefill.last_q must be at least 1 (the last token scores)")
+        _check_drop_layers(self.drop_layers)
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any] | None) -> UniPrefillConfig:
+        """Build from the user's dict; unknown keys are an error that lists the valid ones."""
+        raw = dict(raw or {})
+        valid = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(raw) - set(valid))
+        if unknown:
+            raise ValueError(
+                f"unknown uniprefill setting(s) {unknown}; valid settings: {', '.join(valid)}"
+            )
+        if isinstance(raw.get("drop_layers"), list):
+            raw["drop_layers"] = tuple(raw["drop_layers"])
+        return cls(**raw)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        if isinstance(self.drop_layers, tuple):
+            out["drop_layers"] = list(self.drop_layers)
+        return out
+
+    def resolve(self, layer_types: Sequence[str]) -> UniPrefillConfig:
+        """Fix drop_layers for a model whose layer i has kind `layer_types[i]`.
+
+        Raises ValueError when an explicit layer is out of range or not full attention.
+        """
+        if self.drop_layers == "auto":
+            return dataclasses.replace(self, drop_layers=auto_drop_layers(layer_types))
+        depth = len(layer_types)
+        for layer in self.drop_layers:
+            if layer >= depth:
+                raise ValueError(
+                    f"uniprefill.drop_layers: layer {layer} is outside the model's "
+                    f"{depth} layers (valid: 0..{depth - 1})"
+                )
+            if layer_types[layer] != FULL_ATTENTION:
+                full = [i for i, kind in enumerate(layer_types) if kind == FULL_ATTENTION]
+                raise ValueError(
+                    f"uniprefill.drop_layers: layer {layer} is a {layer_types[layer]} layer; "
+                    f"tokens are scored only at full-attention layers: {full}"
+                )
+        return self
+
+
+def _check_drop_layers(drop_layers: object) -> None:
+    if drop_layers == "auto":
+        return
+    if not isinstance(drop_layers, tuple) or not all(
+        isinstance(x, int) and not isinstance(x, bool) for x in drop_layers
+    ):
+        raise ValueError(
+            f'uniprefill.drop_layers must be "auto" or a list of layer indices, got {drop_layers!r}'
+        )
+    if any(x < 0 for x in drop_layers):
+        raise ValueError(f"uniprefill.drop_layers must be non-negative, got {list(drop_layers)}")
+    if list(drop_layers) != sorted(set(drop_layers)):
+        raise ValueError(
+            f"uniprefill.drop_layers must be strictly increasing, got {list(drop_layers)}"
+        )
+
+
+def auto_drop_layers(layer_types: Sequence[str]) -> tuple[int, ...]:
+    """Full-attention layers from a quarter of the depth on, spaced about a sixth of it apart,
+    leaving the last eighth alone (e.g. 24 layers -> 6, 10, 14, 18; 32 -> 8, 13, 18, 23)."""
+    depth = len(layer_types)
+    first, spacing, end = depth // 4, max(2, depth // 6), depth - depth // 8
+    chosen: list[int] = []
+    for layer in range(first, end):
+        if layer_types[layer] == FULL_ATTENTION and (not chosen or layer - chosen[-1] >= spacing):
+            chosen.append(layer)
+    return tuple(chosen)

@@ -1,0 +1,111 @@
+"""Replacements for three EngineArgs methods (see patches.py): `--plugin`, and start-up checks.
+
+Everything here runs in the process that builds the engine config (the API server, or the
+process that calls `LLM(...)`), so a bad setting fails there with a plain ValueError before any
+engine process starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Callable
+from typing import Any
+
+from uniprefill.config import CONFIG_KEY, UniPrefillConfig
+from uniprefill.families import family_of, layer_types
+from uniprefill.vllm_glue.log import get_logger
+
+logger = get_logger(__name__)
+
+PLUGIN_NAME = "uniprefill"
+SCHEDULER_CLS = "uniprefill.scheduler_patches.scheduler.UniPrefillScheduler"
+WORKER_EXTENSION_CLS = "uniprefill.vllm_glue.worker.UniPrefillWorkerExtension"
+
+
+def _plugin_name(value: str) -> str:
+    if value != PLUGIN_NAME:
+        raise argparse.ArgumentTypeError(
+            f"unknown plugin {value!r}; --plugin can enable: {PLUGIN_NAME}"
+        )
+    return value
+
+
+def wrap_add_cli_args(original: Callable[..., Any]) -> Callable[..., Any]:
+    def add_cli_args(parser: Any, *args: Any, **kwargs: Any) -> Any:
+        parser = original(parser, *args, **kwargs)
+        if "--plugin" not in parser._option_string_actions:
+            parser.add_argument(
+                "--plugin",
+                action="append",
+                type=_plugin_name,
+                metavar="NAME",
+                help="Enable a plugin by name: `--plugin uniprefill` turns on UniPrefill prompt "
+                "pruning; its settings go in --additional-config '{\"uniprefill\": {...}}'.",
+            )
+        return parser
+
+    return add_cli_args
+
+
+def enable_in(additional_config: dict[str, Any] | None) -> dict[str, Any]:
+    """A copy of `additional_config` that turns UniPrefill on (an explicit `enabled` wins)."""
+    merged = dict(additional_config or {})
+    settings = dict(merged.get(CONFIG_KEY) or {})
+    settings.setdefault("enabled", True)
+    merged[CONFIG_KEY] = settings
+    return merged
+
+
+def wrap_from_cli_args(original: Callable[..., Any]) -> Callable[..., Any]:
+    def from_cli_args(cls: type, args: argparse.Namespace) -> Any:
+        engine_args = original(cls, args)
+        if PLUGIN_NAME in (getattr(args, "plugin", None) or []):
+            engine_args.additional_config = enable_in(engine_args.additional_config)
+        return engine_args
+
+    return from_cli_args
+
+
+def _claim(engine_args: Any, field: str, ours: str, unset: object) -> None:
+    current = getattr(engine_args, field)
+    if current not in (unset, ours):
+        raise ValueError(
+            f"UniPrefill needs {field}={ours}, but {field}={current} was set; "
+            f"remove that setting or disable UniPrefill"
+        )
+    setattr(engine_args, field, ours)
+
+
+def wrap_create_engine_config(original: Callable[..., Any]) -> Callable[..., Any]:
+    def create_engine_config(self: Any, *args: Any, **kwargs: Any) -> Any:
+        raw = (self.additional_config or {}).get(CONFIG_KEY)
+        if raw is None:
+            return original(self, *args, **kwargs)
+        config = UniPrefillConfig.from_dict(raw)  # fails before the model is even looked at
+        if not config.enabled:
+            return original(self, *args, **kwargs)
+        _claim(self, "scheduler_cls", SCHEDULER_CLS, unset=None)
+        _claim(self, "worker_extension_cls", WORKER_EXTENSION_CLS, unset="")
+        vllm_config = original(self, *args, **kwargs)
+
+        model_config = vllm_config.model_config
+        family = family_of(model_config.architectures)
+        resolved = config.resolve(layer_types(model_config.hf_text_config))
+        # Every process reads the resolved settings from here (it travels inside VllmConfig).
+        vllm_config.additional_config = {
+            **vllm_config.additional_config,
+            CONFIG_KEY: resolved.to_dict(),
+        }
+        logger.info(
+            "UniPrefill active (pid %d) for %s [%s]: %s",
+            os.getpid(),
+            model_config.model,
+            family,
+            resolved.to_dict(),
+        )
+        if not resolved.drop_layers:
+            logger.warning("UniPrefill: the model has no eligible drop layer; nothing is pruned")
+        return vllm_config
+
+    return create_engine_config
