@@ -1,0 +1,39 @@
+"""Shared fixtures: prepared models, engine-friendly environment, and no leftover engines."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import psutil
+import pytest
+
+# Engines started by tests (in this process or in children) reserve this much KV cache (GiB).
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+TINY_MODELS = ("tiny-llama", "tiny-qwen2", "tiny-gemma3", "tiny-qwen3-next")
+
+
+@pytest.fixture(scope="session")
+def prepared():
+    """prepared(name) -> directory of that catalog model, materialised once per cache."""
+    from uniprefill import models
+
+    cache: dict[str, Path] = {}
+
+    def get(name: str) -> Path:
+        if name not in cache:
+            cache[name] = models.prepare(name)
+        return cache[name]
+
+    return get
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_engine_left_behind():
+    """An engine process that outlives its test holds GBs of memory: kill it, and fail loudly."""
+    yield
+    leftovers = psutil.Process().children(recursive=True)
+    for child in leftovers:
+        child.kill()
+    assert not leftovers, f"tests left processes behind: {[c.pid for c in leftovers]}"

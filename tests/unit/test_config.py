@@ -1,0 +1,75 @@
+"""UniPrefillConfig: strict parsing, range checks, drop-layer resolution."""
+
+import pytest
+
+from uniprefill.config import UniPrefillConfig, auto_drop_layers
+
+FULL, SLIDING, LINEAR = "full_attention", "sliding_attention", "linear_attention"
+
+
+def test_defaults_follow_the_paper_rule():
+    config = UniPrefillConfig.from_dict({})
+    assert (config.p, config.block_size, config.sink, config.last_q) == (0.99, 64, 128, 128)
+    assert config.enabled and config.drop_layers == "auto"
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ({"p": 0.0}, r"p must be in \(0, 1\]"),
+        ({"p": 1.5}, r"p must be in \(0, 1\]"),
+        ({"p": "high"}, "p must be a number"),
+        ({"block_size": 48}, "block_size must be a power of two"),
+        ({"block_size": 0}, "block_size must be a power of two"),
+        ({"sink": -1}, "sink must be a non-negative integer"),
+        ({"last_q": -5}, "last_q must be a non-negative integer"),
+        ({"last_q": 0}, "last_q must be at least 1"),
+        ({"min_prompt_len": -1}, "min_prompt_len must be a non-negative integer"),
+        ({"drop_layers": "some"}, 'drop_layers must be "auto" or a list'),
+        ({"drop_layers": [-1]}, "drop_layers must be non-negative"),
+        ({"drop_layers": [5, 3]}, "strictly increasing"),
+        ({"enabled": "yes"}, "enabled must be true or false"),
+        ({"top_p": 0.9}, r"unknown uniprefill setting\(s\) \['top_p'\]; valid settings: enabled, p"),
+    ],
+    ids=lambda x: str(x) if isinstance(x, dict) else None,
+)
+def test_bad_settings_are_rejected_with_what_to_fix(raw, message):
+    with pytest.raises(ValueError, match=message):
+        UniPrefillConfig.from_dict(raw)
+
+
+def test_round_trip_through_dict():
+    config = UniPrefillConfig.from_dict({"p": 0.95, "drop_layers": [3, 7]})
+    assert config.drop_layers == (3, 7)
+    assert UniPrefillConfig.from_dict(config.to_dict()) == config
+
+
+def test_resolve_rejects_layers_outside_the_model():
+    config = UniPrefillConfig.from_dict({"drop_layers": [2, 8]})
+    with pytest.raises(ValueError, match=r"layer 8 is outside the model's 8 layers \(valid: 0..7\)"):
+        config.resolve([FULL] * 8)
+
+
+def test_resolve_rejects_non_full_attention_layers():
+    kinds = [SLIDING, SLIDING, FULL] * 4
+    config = UniPrefillConfig.from_dict({"drop_layers": [2, 3]})
+    with pytest.raises(ValueError, match=r"layer 3 is a sliding_attention layer.*\[2, 5, 8, 11\]"):
+        config.resolve(kinds)
+    valid = UniPrefillConfig.from_dict({"drop_layers": [2, 8]})
+    assert valid.resolve(kinds).drop_layers == (2, 8)
+
+
+@pytest.mark.parametrize(
+    ("kinds", "expected"),
+    [
+        ([FULL] * 24, (6, 10, 14, 18)),  # Qwen2.5-0.5B
+        ([FULL] * 32, (8, 13, 18, 23)),  # Llama-3.1-8B
+        ([FULL] * 8, (2, 4, 6)),  # tiny models
+        ([FULL if i % 6 == 5 else SLIDING for i in range(18)], (5, 11)),  # Gemma-3-270M
+        ([FULL if i % 4 == 3 else LINEAR for i in range(48)], (15, 23, 31, 39)),  # Qwen3-Next
+    ],
+    ids=["qwen2.5-24", "llama-32", "tiny-8", "gemma3-18", "qwen3next-48"],
+)
+def test_auto_drop_layers_pick_full_attention_after_the_first_quarter(kinds, expected):
+    assert auto_drop_layers(kinds) == expected
+    assert UniPrefillConfig().resolve(kinds).drop_layers == expected

@@ -1,0 +1,68 @@
+"""The patch registry against the installed vLLM, and the `--plugin` option on vLLM's own parser."""
+
+import pytest
+from vllm.engine.arg_utils import AsyncEngineArgs, EngineArgs
+from vllm.entrypoints.launchers.cli_args import make_arg_parser
+from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+from uniprefill import plugin
+from uniprefill.vllm_glue import patches
+
+
+@pytest.fixture(autouse=True)
+def registered():
+    plugin.register()
+    yield
+    patches.apply_patches()  # leave the process as vLLM's plugin loader left it
+
+
+def _raw_attributes():
+    out = {}
+    for patch in patches.PATCHES:
+        owner, attr = patches._resolve(patch.target)  # raises if vLLM lacks the target
+        out[patch.target] = vars(owner)[attr]
+    return out
+
+
+def test_every_target_exists_and_apply_is_idempotent_and_revertible():
+    patches.revert_patches()
+    originals = _raw_attributes()
+    assert patches.apply_patches() == len(patches.PATCHES)
+    wrapped = _raw_attributes()
+    assert all(wrapped[t] is not originals[t] for t in originals)
+    assert patches.apply_patches() == len(patches.PATCHES)
+    assert all(_raw_attributes()[t] is wrapped[t] for t in originals)  # no double wrapping
+    assert isinstance(vars(EngineArgs)["add_cli_args"], staticmethod)
+    assert isinstance(vars(EngineArgs)["from_cli_args"], classmethod)
+    patches.revert_patches()
+    assert patches.applied_patches() == []
+    assert all(_raw_attributes()[t] is originals[t] for t in originals)
+    assert all(p.why and p.written_for == "0.32.0" for p in patches.PATCHES)
+
+
+def _serve_args(argv):
+    parser = make_arg_parser(FlexibleArgumentParser(prog="vllm serve"))
+    return AsyncEngineArgs.from_cli_args(parser.parse_args(argv))
+
+
+def test_plugin_option_enables_uniprefill_on_the_real_serve_parser():
+    engine_args = _serve_args(["/some/model", "--plugin", "uniprefill"])
+    assert engine_args.additional_config == {"uniprefill": {"enabled": True}}
+
+
+def test_plugin_option_keeps_the_users_settings():
+    engine_args = _serve_args(
+        ["m", "--plugin", "uniprefill", "--additional-config", '{"uniprefill": {"p": 0.9}}']
+    )
+    assert engine_args.additional_config == {"uniprefill": {"p": 0.9, "enabled": True}}
+
+
+def test_without_the_option_nothing_is_added():
+    assert _serve_args(["m"]).additional_config == {}
+
+
+def test_unknown_plugin_name_fails_with_a_clear_message(capsys):
+    with pytest.raises(SystemExit):
+        _serve_args(["m", "--plugin", "speedup"])
+    err = capsys.readouterr().err
+    assert "unknown plugin 'speedup'; --plugin can enable: uniprefill" in err
