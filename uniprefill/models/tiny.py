@@ -20,7 +20,7 @@ from uniprefill.models.catalog import ModelSpec
 GENERATOR_VERSION = 1
 SEED = 1234
 # Large enough to give random models visibly varied (non-repeating) greedy outputs.
-INIT_STD = 0.05
+INIT_STD = 0.2
 
 # Shared by every family: tokenizer ids, long context (tests prune prompts of thousands of
 # tokens), untied embeddings (tied random ones make the model echo its input token).
@@ -54,10 +54,11 @@ def _build(architecture: str, config: dict[str, Any], out_dir: Path) -> None:
 
 
 def _spec(name: str, architecture: str, description: str, **config: Any) -> ModelSpec:
-    # The recipe hashes the config and the tokenizer corpus, so editing either stales caches.
-    digest = hashlib.sha256(
-        json.dumps([architecture, _COMMON, config, tok.CORPUS], sort_keys=True).encode()
-    ).hexdigest()[:16]
+    # The recipe hashes the config and the tokenizer's data, so editing either stales caches;
+    # code changes are covered by GENERATOR_VERSION.
+    tokenizer_data = [tok.SPECIAL_TOKENS, tok.SPLIT_REGEX, tok.CHAT_TEMPLATE, tok.CORPUS]
+    fingerprint = json.dumps([architecture, _COMMON, config, tokenizer_data], sort_keys=True)
+    digest = hashlib.sha256(fingerprint.encode()).hexdigest()[:16]
     return ModelSpec(
         name=name,
         architecture=architecture,

@@ -1,7 +1,9 @@
 """A small byte-level BPE tokenizer, trained locally and deterministically, for the tiny models.
 
 Byte-level BPE can encode any text (unknown words fall back to bytes), so test prompts of any
-content work; digits are split one by one so numbers always tokenize the same way.
+content work. Normalisation and pre-tokenisation are exactly Qwen2's (NFC, then a regex that also
+splits digits one by one): transformers loads any `qwen2` model with its own `Qwen2Tokenizer`
+pipeline whatever the files say, and matching it keeps all tiny models tokenizing identically.
 """
 
 from __future__ import annotations
@@ -13,9 +15,17 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast
 
 VOCAB_SIZE = 1024
-BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
+BOS, EOS, PAD, UNK = "<|bos|>", "<|eos|>", "<|pad|>", "<|unk|>"
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
-SPECIAL_TOKENS = [BOS, EOS, PAD, IM_START, IM_END]  # ids 0..4, in this order
+# ids 0..5, in this order. UNK is never produced by byte-level BPE, but without one
+# Qwen2Tokenizer adds its own "<|endoftext|>" and the tokenizer outgrows the model's vocab_size.
+SPECIAL_TOKENS = [BOS, EOS, PAD, UNK, IM_START, IM_END]
+
+# Qwen2's pre-tokenisation regex (each digit is its own `\p{N}` piece).
+SPLIT_REGEX = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+    r"""|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
 
 # ChatML-style, so vLLM's chat endpoint can render conversations.
 CHAT_TEMPLATE = (
@@ -26,7 +36,7 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 
-# Fixed training text: changing it changes every tiny model, so bump tiny.GENERATOR_VERSION.
+# Fixed training text (hashed into the tiny models' recipes, so editing it stales their caches).
 CORPUS = """\
 The quick brown fox jumps over the lazy dog near the river bank.
 A journey of a thousand miles begins with a single step.
@@ -72,13 +82,23 @@ They hiked for six hours and finally reached the top of the hill.
 
 
 def _train():  # -> tokenizers.Tokenizer
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import (
+        Regex,
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
 
     tok = Tokenizer(models.BPE())
+    tok.normalizer = normalizers.NFC()
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [
-            pre_tokenizers.Digits(individual_digits=True),
-            pre_tokenizers.ByteLevel(add_prefix_space=False),
+            pre_tokenizers.Split(Regex(SPLIT_REGEX), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
         ]
     )
     tok.decoder = decoders.ByteLevel()
@@ -107,6 +127,7 @@ def build_tokenizer(out_dir: Path) -> PreTrainedTokenizerFast:
         bos_token=BOS,
         eos_token=EOS,
         pad_token=PAD,
+        unk_token=UNK,
         additional_special_tokens=[IM_START, IM_END],
         chat_template=CHAT_TEMPLATE,
         model_max_length=1 << 20,  # the model config bounds the length, not the tokenizer

@@ -1,0 +1,81 @@
+"""Settings checked against the real model when vLLM builds its engine config."""
+
+import json
+import shutil
+
+import pytest
+from vllm import LLM
+from vllm.engine.arg_utils import EngineArgs
+
+from uniprefill import plugin
+
+plugin.register()  # as vLLM's plugin loader does in every process
+
+
+def _engine_config(model_dir, settings):
+    args = EngineArgs(
+        model=str(model_dir),
+        dtype="float32",
+        max_model_len=4096,
+        additional_config={"uniprefill": settings},
+    )
+    return args.create_engine_config()
+
+
+def _layer_kinds(model_dir):
+    config = json.loads((model_dir / "config.json").read_text())
+    return config["layer_types"]
+
+
+def test_resolved_settings_reach_the_engine_config(prepared):
+    vllm_config = _engine_config(prepared("tiny-qwen2"), {"p": 0.95, "drop_layers": [3, 5]})
+    assert vllm_config.additional_config["uniprefill"]["drop_layers"] == [3, 5]
+    assert vllm_config.additional_config["uniprefill"]["p"] == 0.95
+    assert vllm_config.scheduler_config.scheduler_cls.endswith("UniPrefillScheduler")
+    assert vllm_config.parallel_config.worker_extension_cls.endswith("UniPrefillWorkerExtension")
+
+
+def test_drop_layer_outside_the_model(prepared):
+    with pytest.raises(ValueError, match=r"layer 40 is outside the model's \d+ layers"):
+        _engine_config(prepared("tiny-llama"), {"drop_layers": [2, 40]})
+
+
+@pytest.mark.parametrize("name", ["tiny-gemma3", "tiny-qwen3-next"])
+def test_drop_layer_that_is_not_full_attention(prepared, name):
+    model = prepared(name)
+    kinds = _layer_kinds(model)
+    other = next(i for i, kind in enumerate(kinds) if kind != "full_attention")
+    with pytest.raises(ValueError, match=f"layer {other} is a {kinds[other]} layer"):
+        _engine_config(model, {"drop_layers": [other]})
+
+
+def test_auto_drop_layers_are_full_attention(prepared):
+    for name in ("tiny-gemma3", "tiny-qwen3-next"):
+        model = prepared(name)
+        resolved = _engine_config(model, {}).additional_config["uniprefill"]["drop_layers"]
+        assert resolved and all(_layer_kinds(model)[i] == "full_attention" for i in resolved)
+
+
+def test_unsupported_architecture_names_the_supported_ones(prepared, tmp_path):
+    model = tmp_path / "mistral"
+    shutil.copytree(prepared("tiny-llama"), model)
+    config = json.loads((model / "config.json").read_text())
+    config.update(architectures=["MistralForCausalLM"], model_type="mistral")
+    (model / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="does not support .*MistralForCausalLM.*supported: Llama"):
+        _engine_config(model, {})
+
+
+def test_user_scheduler_class_conflict_is_explained(prepared):
+    args = EngineArgs(
+        model=str(prepared("tiny-llama")),
+        scheduler_cls="my.Scheduler",
+        additional_config={"uniprefill": {}},
+    )
+    with pytest.raises(ValueError, match="UniPrefill needs scheduler_cls="):
+        args.create_engine_config()
+
+
+def test_llm_constructor_raises_before_starting_an_engine(prepared):
+    with pytest.raises(ValueError, match="unknown uniprefill setting"):
+        LLM(model=str(prepared("tiny-llama")), additional_config={"uniprefill": {"q": 1}})

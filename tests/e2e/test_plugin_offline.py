@@ -1,0 +1,81 @@
+"""The plugin in real offline engines: where it loads, and that loading it changes nothing."""
+
+import json
+import os
+import subprocess
+import sys
+from importlib.metadata import entry_points
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.procs import lines_from
+
+PROMPTS = ["The quick brown fox", "Once upon a time there was a", "1 2 3 4 5 6"]
+
+
+def _run(model_dir: Path, mode: str, with_plugin: bool) -> tuple[dict, str]:
+    env = dict(os.environ)
+    if not with_plugin:  # as if uniprefill were not installed: every other plugin still loads
+        others = [ep.name for ep in entry_points(group="vllm.general_plugins")]
+        env["VLLM_PLUGINS"] = ",".join(n for n in others if n != "uniprefill")
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(Path(__file__).with_name("offline_run.py")),
+            str(model_dir),
+            mode,
+            json.dumps(PROMPTS),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-4000:]
+    result = next(line for line in log.splitlines() if line.startswith("RESULT "))
+    return json.loads(result.removeprefix("RESULT ")), log
+
+
+@pytest.fixture(scope="module")
+def runs(prepared):
+    model = prepared("tiny-llama")
+    return {
+        "without": _run(model, "plain", with_plugin=False),
+        "installed": _run(model, "plain", with_plugin=True),
+        "enabled": _run(model, "enabled", with_plugin=True),
+    }
+
+
+def test_installed_but_not_enabled_changes_nothing(runs):
+    (without, without_log), (installed, installed_log) = runs["without"], runs["installed"]
+    assert not without["plugin_imported_in_main"] and "UniPrefill" not in without_log
+    assert installed["plugin_imported_in_main"]
+    assert installed["tokens"] == without["tokens"]
+    assert "UniPrefill active" not in installed_log
+    assert "UniPrefill scheduler active" not in installed_log
+
+
+def test_plugin_loads_in_engine_core_and_worker_processes(runs):
+    result, log = runs["enabled"]
+    main_pid = result["main_pid"]
+    (worker,) = result["workers"]  # answered from inside the worker process
+    assert worker["plugin_registered"] and worker["pid"] != main_pid
+    assert len(worker["patches"]) == 3
+    assert worker["config"]["drop_layers"] == [2, 4, 6]  # auto for 8 full-attention layers
+
+    core = lines_from(log, "EngineCore", "UniPrefill scheduler active")
+    assert len(core) == 1, log[-4000:]
+    core_pid = core[0][1]
+    assert core_pid not in (main_pid, worker["pid"])
+    assert f"(pid {core_pid}, plugin registered here: True)" in log
+    assert lines_from(log, "EngineCore", "UniPrefill plugin loaded")
+    assert lines_from(log, "VllmWorker", "UniPrefill plugin loaded")
+
+
+def test_enabling_logs_resolved_settings_and_keeps_outputs(runs):
+    result, log = runs["enabled"]
+    assert "UniPrefill active" in log and "'drop_layers': [2, 4, 6]" in log
+    # Short prompts are never pruned: same greedy tokens as without the plugin.
+    assert result["tokens"] == runs["without"][0]["tokens"]

@@ -1,0 +1,93 @@
+"""`vllm serve MODEL --plugin uniprefill` as a real server on loopback, used through `openai`."""
+
+import subprocess
+
+import openai
+import psutil
+import pytest
+
+from tests.e2e.procs import free_port, lines_from
+from uniprefill import serve
+
+ENGINE_ARGS = ["--max-model-len", "4096", "--enforce-eager"]
+
+
+@pytest.fixture(scope="module")
+def server(prepared, tmp_path_factory):
+    port = free_port()
+    log_path = tmp_path_factory.mktemp("serve") / "server.log"
+    cmd = serve.serve_command(
+        str(prepared("tiny-llama")),
+        served_name="tiny-llama",
+        host="127.0.0.1",
+        port=port,
+        dtype="float32",
+        extra_args=ENGINE_ARGS,
+    )
+    proc = serve.start(cmd, serve.serve_env(kv_cache_gib=1), log_path)
+    try:
+        serve.wait_until_ready(proc, f"http://127.0.0.1:{port}")
+    except Exception:
+        serve.stop(proc)
+        raise AssertionError(log_path.read_text()[-4000:]) from None
+    yield proc, port, log_path
+    serve.stop(proc)
+
+
+def test_answers_through_the_openai_client(server):
+    _, port, log_path = server
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused")
+    assert [m.id for m in client.models.list().data] == ["tiny-llama"]
+    completion = client.completions.create(
+        model="tiny-llama", prompt="The quick brown fox", max_tokens=8, temperature=0
+    )
+    assert completion.usage.completion_tokens == 8
+    chat = client.chat.completions.create(
+        model="tiny-llama",
+        messages=[{"role": "user", "content": "Hello there"}],
+        max_tokens=8,
+        temperature=0,
+    )
+    assert chat.choices[0].message.content is not None and chat.usage.completion_tokens > 0
+    log = log_path.read_text()
+    assert "UniPrefill active" in log
+    assert lines_from(log, "EngineCore", "UniPrefill scheduler active")
+    assert lines_from(log, "VllmWorker", "UniPrefill plugin loaded")
+
+
+def test_shuts_down_cleanly(server):
+    proc, _, log_path = server
+    family = [proc.pid] + [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
+    assert len(family) >= 3  # API server, engine core, worker
+    serve.stop(proc)
+    assert proc.returncode == 0, log_path.read_text()[-3000:]
+    assert not [
+        pid
+        for pid in family
+        if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    ]
+
+
+def _serve_fails(args: list[str]) -> str:
+    cmd = [serve.vllm_executable(), "serve", *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    return proc.stdout + proc.stderr
+
+
+def test_unknown_plugin_name_is_refused(prepared):
+    output = _serve_fails([str(prepared("tiny-llama")), "--plugin", "turbo"])
+    assert "unknown plugin 'turbo'; --plugin can enable: uniprefill" in output
+
+
+def test_bad_setting_stops_the_server_with_what_to_fix(prepared):
+    output = _serve_fails(
+        [
+            str(prepared("tiny-llama")),
+            "--plugin",
+            "uniprefill",
+            "--additional-config",
+            '{"uniprefill": {"block_size": 100}}',
+        ]
+    )
+    assert "uniprefill.block_size must be a power of two (e.g. 64), got 100" in output
