@@ -26,7 +26,9 @@ def _models_prepare(args: argparse.Namespace) -> int:
     path = models.prepare(args.name)
     if args.verify:
         models.verify(path)
-    print(f"{args.name}: {path} ({time.monotonic() - start:.1f}s)")
+    # stdout carries only the path, so scripts can use $(uniprefill models prepare NAME).
+    print(f"{args.name} ready in {time.monotonic() - start:.1f}s", file=sys.stderr)
+    print(path)
     return 0
 
 
