@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         args.vllm_args = args.vllm_args[1:]
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, OSError, ImportError, RuntimeError) as error:
         print(f"uniprefill: error: {error}", file=sys.stderr)
         return 2
 

@@ -106,8 +106,9 @@ TINY: tuple[ModelSpec, ...] = (
         layer_types=2 * _QWEN3_NEXT_LAYERS,
         linear_num_key_heads=2,
         linear_num_value_heads=4,  # a multiple of the key heads (GQA-style grouping)
-        linear_key_head_dim=32,
-        linear_value_head_dim=32,
+        # vLLM's CPU GDN kernel needs equal key/value head dims, 64 or 128 (and BF16 activations).
+        linear_key_head_dim=64,
+        linear_value_head_dim=64,
         linear_conv_kernel_dim=4,
         num_experts=4,
         num_experts_per_tok=2,

@@ -1,0 +1,99 @@
+"""The main job: the embedded Qwen model, materialised from PyPI packages and served by
+`uniprefill serve` (what `make serve` runs), answers a real question."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import openai
+import pytest
+
+from tests.e2e.procs import free_port
+from uniprefill import models, serve
+
+QWEN = "qwen2.5-coder-0.5b-instruct"
+PASSKEY = "48213"
+PROSE = [
+    "The harbour town woke slowly, its fishing boats rocking against the pier while gulls "
+    "argued over the night's catch.",
+    "In the valley, the old mill had not turned for decades, yet the river still carved its "
+    "patient path through the stones.",
+    "A librarian catalogued maps of coastlines that no longer existed, drawn by sailors who "
+    "trusted stars more than instruments.",
+    "The orchestra tuned in the half-dark, a long A from the oboe spreading through the hall "
+    "like warm light.",
+    "Market stalls opened one by one, offering pears, copper pans, and bolts of indigo cloth "
+    "to the early crowd.",
+    "On the mountain pass, the weather changed within minutes, and the hikers learned to read "
+    "the clouds like a calendar.",
+]
+
+
+def passkey_prompt() -> str:
+    paragraphs = [PROSE[i % len(PROSE)] for i in range(36)]
+    paragraphs.insert(17, f"Remember this: the passkey is {PASSKEY}. Keep it safe.")
+    return (
+        "Read the text and answer the question at the end.\n\n"
+        + "\n".join(paragraphs)
+        + "\n\nWhat is the passkey mentioned in the text? Answer with the number only."
+    )
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    cmd = [str(Path(sys.executable).with_name("uniprefill")), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=1200, check=True)
+
+
+def test_prepare_is_idempotent_and_integrity_checked():
+    path = Path(_cli("models", "prepare", QWEN).stdout.strip())
+    manifest = path / "uniprefill-manifest.json"
+    built_at = manifest.stat().st_mtime_ns
+    assert Path(_cli("models", "prepare", QWEN).stdout.strip()) == path
+    assert manifest.stat().st_mtime_ns == built_at  # the second call did not rebuild
+    models.verify(path)  # every file's sha256
+    assert (path / "config.json").is_file() and (path / "tokenizer_config.json").is_file()
+    listing = _cli("models", "list").stdout
+    assert f"{QWEN}" in listing and "prepared" in listing
+
+
+@pytest.fixture(scope="module")
+def main_job(tmp_path_factory):
+    port = free_port()
+    log_path = tmp_path_factory.mktemp("main-job") / "serve.log"
+    cmd = [
+        str(Path(sys.executable).with_name("uniprefill")),
+        "serve",
+        "--port",
+        str(port),
+        "--kv-cache-gib",
+        "2",
+        "--",
+        "--max-model-len",
+        "8192",
+    ]
+    proc = serve.start(cmd, serve.serve_env(), log_path)
+    try:
+        serve.wait_until_ready(proc, f"http://127.0.0.1:{port}", timeout_s=900)
+    except Exception:
+        serve.stop(proc)
+        raise AssertionError(log_path.read_text()[-4000:]) from None
+    yield port, log_path
+    serve.stop(proc)
+
+
+def test_served_default_model_answers_a_passkey_question(main_job):
+    port, log_path = main_job
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused")
+    assert [m.id for m in client.models.list().data] == [QWEN]
+    reply = client.chat.completions.create(
+        model=QWEN,
+        messages=[{"role": "user", "content": passkey_prompt()}],
+        max_tokens=12,
+        temperature=0,
+    )
+    assert reply.usage.prompt_tokens > 500
+    assert PASSKEY in reply.choices[0].message.content
+    log = log_path.read_text()
+    assert "--dtype float32" in log or "--dtype auto" in log
+    assert "UniPrefill active" in log
+    assert f"serving {QWEN} at http://127.0.0.1:{port}/v1" in log and "curl " in log
