@@ -1,7 +1,12 @@
 """Helpers for tests that read what vLLM's child processes logged."""
 
+import json
+import os
 import re
 import socket
+import subprocess
+import sys
+from pathlib import Path
 
 # vLLM prefixes every line a child process logs with "(EngineCore pid=N)", "(VllmWorker-0 pid=N)".
 _PREFIX = re.compile(r"^\((?P<proc>[\w-]+) pid=(?P<pid>\d+)\)")
@@ -21,3 +26,21 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def run_offline(
+    model_dir: Path, mode: str, prompts: list[str], dtype: str = "float32", env: dict | None = None
+) -> tuple[dict, str]:
+    """Run tests/e2e/offline_run.py in a fresh process; return its RESULT and its whole log."""
+    script = Path(__file__).with_name("offline_run.py")
+    proc = subprocess.run(
+        [sys.executable, str(script), str(model_dir), mode, json.dumps(prompts), dtype],
+        env=env or dict(os.environ),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-4000:]
+    result = next(line for line in log.splitlines() if line.startswith("RESULT "))
+    return json.loads(result.removeprefix("RESULT ")), log

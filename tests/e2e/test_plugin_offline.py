@@ -1,15 +1,12 @@
 """The plugin in real offline engines: where it loads, and that loading it changes nothing."""
 
-import json
 import os
-import subprocess
-import sys
 from importlib.metadata import entry_points
 from pathlib import Path
 
 import pytest
 
-from tests.e2e.procs import lines_from
+from tests.e2e.procs import lines_from, run_offline
 
 PROMPTS = ["The quick brown fox", "Once upon a time there was a", "1 2 3 4 5 6"]
 
@@ -19,23 +16,7 @@ def _run(model_dir: Path, mode: str, with_plugin: bool) -> tuple[dict, str]:
     if not with_plugin:  # as if uniprefill were not installed: every other plugin still loads
         others = [ep.name for ep in entry_points(group="vllm.general_plugins")]
         env["VLLM_PLUGINS"] = ",".join(n for n in others if n != "uniprefill")
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(Path(__file__).with_name("offline_run.py")),
-            str(model_dir),
-            mode,
-            json.dumps(PROMPTS),
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    log = proc.stdout + proc.stderr
-    assert proc.returncode == 0, log[-4000:]
-    result = next(line for line in log.splitlines() if line.startswith("RESULT "))
-    return json.loads(result.removeprefix("RESULT ")), log
+    return run_offline(model_dir, mode, PROMPTS, env=env)
 
 
 @pytest.fixture(scope="module")
