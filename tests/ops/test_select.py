@@ -1,0 +1,211 @@
+"""select_tokens: every backend against the reference, and the rule's properties (DESIGN.md 1.1)."""
+
+import math
+
+import pytest
+import torch
+
+from uniprefill.ops import available_backends, select_tokens
+from uniprefill.ops.select.reference import token_scores_reference
+
+FAST_BACKENDS = [b for b in available_backends() if b != "reference"]
+RULE = dict(block_size=16, sink=32, last_q=32)
+
+
+def make_batch(lens, num_q_heads=4, num_kv_heads=2, head_dim=32, dtype=torch.float32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    total = sum(lens)
+    q = torch.randn(total, num_q_heads, head_dim, generator=gen).to(dtype)
+    k = torch.randn(total, num_kv_heads, head_dim, generator=gen).to(dtype)
+    # A few strong keys give the rule something to find.
+    k[torch.randint(0, total, (total // 50 + 1,), generator=gen)] *= 3
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
+    return q, k, cu
+
+
+def request_mass(q, k, start, end, block_size, last_q):
+    """Normalised block masses of one request, in float64, from the reference scores."""
+    scores = token_scores_reference(q[end - last_q : end], k[start:end]).double()
+    n = end - start
+    blocks = torch.stack([scores[b : b + block_size].sum() for b in range(0, n, block_size)])
+    return blocks / blocks.sum()
+
+
+def near_threshold_tokens(q, k, cu, p, block_size, last_q, eps=1e-4):
+    """Tokens of blocks whose mass-before-them is within eps of p: a backend may round them
+    either way."""
+    loose = torch.zeros(q.shape[0], dtype=torch.bool)
+    bounds = cu.tolist()
+    for start, end in zip(bounds[:-1], bounds[1:], strict=True):
+        if end - start <= RULE["sink"] + last_q:
+            continue
+        mass = request_mass(q, k, start, end, block_size, last_q)
+        order = sorted(range(len(mass)), key=lambda b: (-float(mass[b]), b))
+        before = 0.0
+        for b in order:
+            if abs(before - p) < eps:
+                loose[start + b * block_size : min(end, start + (b + 1) * block_size)] = True
+            before += float(mass[b])
+    return loose
+
+
+LENGTH_CASES = {
+    "one-long": [2049],
+    "not-block-multiples": [100, 63, 300],
+    "mixed-with-decodes": [1, 700, 1, 1, 129, 1000],
+    "all-too-short": [1, 64, 40],
+}
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+@pytest.mark.parametrize("lens", LENGTH_CASES.values(), ids=LENGTH_CASES.keys())
+@pytest.mark.parametrize("p", [0.5, 0.9, 0.99])
+@pytest.mark.parametrize("heads", [(4, 4), (4, 2), (8, 1)], ids=["mha", "gqa2", "gqa8"])
+def test_backend_matches_reference(backend, lens, p, heads):
+    q, k, cu = make_batch(lens, *heads)
+    ref = select_tokens(q, k, cu, p=p, **RULE, backend="reference")
+    got = select_tokens(q, k, cu, p=p, **RULE, backend=backend)
+    differ = ref.keep != got.keep
+    assert not (differ & ~near_threshold_tokens(q, k, cu, p, 16, 32)).any()
+    if not differ.any():
+        assert torch.equal(ref.cu_seqlens, got.cu_seqlens) and torch.equal(ref.lens, got.lens)
+        assert torch.equal(ref.kept_indices, got.kept_indices)
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_inputs_keep_what_float32_keeps(backend, dtype):
+    q, k, cu = make_batch([900, 1, 500], dtype=dtype, seed=3)
+    ref = select_tokens(q.float(), k.float(), cu, p=0.9, **RULE, backend="reference")
+    got = select_tokens(q, k, cu, p=0.9, **RULE, backend=backend)
+    differ = ref.keep != got.keep
+    assert not (differ & ~near_threshold_tokens(q.float(), k.float(), cu, 0.9, 16, 32, 1e-3)).any()
+
+
+@pytest.mark.parametrize("backend", available_backends())
+def test_rule_properties(backend):
+    lens = [1, 1500, 1, 64, 700, 1]
+    q, k, cu = make_batch(lens, seed=1)
+    p = 0.8
+    sel = select_tokens(q, k, cu, p=p, **RULE, min_prompt_len=100, backend=backend)
+    assert sel.cu_seqlens[0] == 0 and torch.equal(sel.lens, sel.cu_seqlens.diff())
+    assert torch.equal(sel.kept_indices, sel.keep.nonzero().squeeze(1))
+    bounds = cu.tolist()
+    for r, (start, end) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
+        n, keep = end - start, sel.keep[start:end]
+        if n <= RULE["sink"] + RULE["last_q"] or n < 100:  # decodes and short prompts: untouched
+            assert keep.all()
+            continue
+        assert keep[: RULE["sink"]].all() and keep[n - RULE["last_q"] :].all()
+        assert not keep.all()  # something was pruned
+        mass = request_mass(q, k, start, end, 16, 32)
+        kept_blocks = keep.view(-1)[::16][: len(mass)] | torch.tensor(
+            [keep[b : b + 16].all().item() for b in range(0, n, 16)]
+        )
+        assert mass[kept_blocks].sum() >= p - 1e-6
+        assert int(sel.lens[r]) == int(keep.sum())
+
+
+@pytest.mark.parametrize("backend", available_backends())
+def test_batch_equals_each_request_alone(backend):
+    lens = [800, 1, 333, 1, 1200]
+    q, k, cu = make_batch(lens, seed=2)
+    batch = select_tokens(q, k, cu, p=0.9, **RULE, backend=backend)
+    bounds = cu.tolist()
+    for start, end in zip(bounds[:-1], bounds[1:], strict=True):
+        one = torch.tensor([0, end - start], dtype=torch.int32)
+        alone = select_tokens(q[start:end], k[start:end], one, p=0.9, **RULE, backend=backend)
+        assert torch.equal(alone.keep, batch.keep[start:end])
+
+
+@pytest.mark.parametrize("backend", available_backends())
+def test_p_one_keeps_everything(backend):
+    q, k, cu = make_batch([2000, 1, 500])
+    sel = select_tokens(q, k, cu, p=1.0, **RULE, backend=backend)
+    assert sel.keep.all() and torch.equal(sel.cu_seqlens, cu)
+
+
+@pytest.mark.parametrize("backend", available_backends())
+def test_tensor_parallel_hook_makes_split_heads_agree(backend):
+    """Two fake ranks each hold half the heads; summing their block scores in the hook gives
+    exactly the unsplit op's tokens."""
+    q, k, cu = make_batch([1100, 1, 600], num_q_heads=8, num_kv_heads=4, seed=4)
+    full = select_tokens(q, k, cu, p=0.9, **RULE, backend=backend)
+    halves = [(q[:, :4], k[:, :2]), (q[:, 4:], k[:, 2:])]
+    captured = []
+    select_tokens(
+        *halves[1],
+        cu,
+        p=0.9,
+        **RULE,
+        backend=backend,
+        reduce_block_scores=lambda s: captured.append(s.clone()) or s,
+    )
+    rank0 = select_tokens(
+        *halves[0],
+        cu,
+        p=0.9,
+        **RULE,
+        backend=backend,
+        reduce_block_scores=lambda s: s + captured[0],
+    )
+    assert captured[0].dtype == torch.float32
+    differ = rank0.keep != full.keep
+    assert not (differ & ~near_threshold_tokens(q, k, cu, 0.9, 16, 32)).any()
+
+
+@pytest.mark.parametrize("backend", available_backends())
+def test_ties_go_to_the_earlier_block(backend):
+    n = 16 * 10 + 32
+    q = torch.zeros(n, 2, 16)  # every visible key gets the same probability
+    k = torch.randn(n, 2, 16)
+    cu = torch.tensor([0, n], dtype=torch.int32)
+    sel = select_tokens(q, k, cu, p=0.05, block_size=16, sink=0, last_q=32, backend=backend)
+    # The 10 blocks before the last queries are seen by every query alike: the first one wins.
+    assert sel.keep[: n - 32].view(-1, 16)[:, 0].tolist() == [True] + [False] * 9
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (dict(q=torch.randn(10, 3, 8), k=torch.randn(10, 2, 8)), "multiple of key heads"),
+        (dict(k=torch.randn(9, 2, 8)), "must agree on tokens"),
+        (dict(q=torch.randn(10, 4)), r"must be \[T, H, d\]"),
+        (dict(cu=torch.tensor([0, 6, 4, 10])), "never decrease"),
+        (dict(cu=torch.tensor([0, 4, 9])), "end at the token count 10"),
+        (dict(cu=torch.tensor([0.0, 10.0])), "integer"),
+        (dict(q=torch.randint(0, 3, (10, 4, 8))), "floating point"),
+        (dict(p=0.0), r"p must be in \(0, 1\]"),
+        (dict(p=1.2), r"p must be in \(0, 1\]"),
+        (dict(block_size=12), "power of two"),
+        (dict(backend="cuda-magic"), "unknown backend 'cuda-magic'"),
+    ],
+    ids=lambda x: None if isinstance(x, dict) else x,
+)
+def test_bad_input_is_a_clear_value_error(change, message):
+    args = dict(
+        q=torch.randn(10, 4, 8),
+        k=torch.randn(10, 2, 8),
+        cu=torch.tensor([0, 4, 10]),
+        p=0.9,
+        block_size=16,
+        backend="auto",
+    )
+    args.update(change)
+    with pytest.raises(ValueError, match=message):
+        select_tokens(
+            args["q"],
+            args["k"],
+            args["cu"],
+            p=args["p"],
+            block_size=args["block_size"],
+            sink=2,
+            last_q=2,
+            backend=args["backend"],
+        )
+
+
+def test_scores_are_a_distribution_per_query():
+    q, k, _ = make_batch([300])
+    scores = token_scores_reference(q[-32:], k)
+    assert math.isclose(float(scores.sum()), 32 * 4, rel_tol=1e-5)  # 32 queries x 4 heads

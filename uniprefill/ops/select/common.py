@@ -1,0 +1,80 @@
+"""What every selection backend shares: the result type, which requests are pruned, and the
+vectorised step from block scores to kept tokens (top-p per request, forced tokens, offsets).
+
+Backends differ only in how they compute block scores, the expensive part.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The tokens a drop layer keeps, over a varlen batch of B requests and T tokens.
+
+    keep: [T] bool, token t survives. kept_indices: [T_kept] int64, ascending.
+    lens: [B] int32, survivors per request. cu_seqlens: [B + 1] int32, their cumulative offsets.
+    """
+
+    keep: torch.Tensor
+    kept_indices: torch.Tensor
+    lens: torch.Tensor
+    cu_seqlens: torch.Tensor
+
+
+def is_prunable(n: int, *, p: float, sink: int, last_q: int, min_prompt_len: int) -> bool:
+    """A request of n tokens is pruned only if something can go (decode rows never can)."""
+    return p < 1.0 and n > sink + last_q and n >= min_prompt_len
+
+
+def prunable_mask(
+    lens: torch.Tensor, *, p: float, sink: int, last_q: int, min_prompt_len: int
+) -> torch.Tensor:
+    """is_prunable for every request at once: [B] bool."""
+    return (lens > sink + last_q) & (lens >= min_prompt_len) & (p < 1.0)
+
+
+def selection_from_keep(keep: torch.Tensor, cu_seqlens: torch.Tensor) -> Selection:
+    kept_before = torch.zeros(keep.numel() + 1, dtype=torch.int64, device=keep.device)
+    torch.cumsum(keep, dim=0, out=kept_before[1:])
+    new_cu = kept_before[cu_seqlens.long()].to(torch.int32)
+    return Selection(
+        keep=keep,
+        kept_indices=keep.nonzero().squeeze(1),
+        lens=new_cu.diff(),
+        cu_seqlens=new_cu,
+    )
+
+
+def keep_from_block_scores(
+    block_scores: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    prunable: torch.Tensor,
+    *,
+    p: float,
+    block_size: int,
+    sink: int,
+    last_q: int,
+) -> torch.Tensor:
+    """Top-p over each request's blocks, then forced tokens. Returns keep: [T] bool.
+
+    block_scores: [B, max_blocks] float32, zero past each request's last block.
+    """
+    cu = cu_seqlens.long()
+    lens = cu.diff()
+    num_blocks = (lens + block_size - 1) // block_size
+    real_block = torch.arange(block_scores.shape[1], device=cu.device) < num_blocks[:, None]
+    mass = block_scores / block_scores.sum(dim=1, keepdim=True).clamp_min(1e-30)
+    # Stable descending sort: equal scores keep block order, so ties go to the earlier block.
+    sorted_mass, order = torch.sort(mass, dim=1, descending=True, stable=True)
+    before = torch.cumsum(sorted_mass, dim=1) - sorted_mass
+    block_keep = torch.zeros_like(real_block).scatter_(1, order, before <= p) & real_block
+
+    tokens = torch.arange(int(cu[-1]), device=cu.device)
+    request = torch.searchsorted(cu[1:], tokens, right=True)
+    pos = tokens - cu[request]
+    forced = (pos < sink) | (pos >= lens[request] - last_q) | ~prunable[request]
+    return forced | block_keep[request, pos // block_size]
