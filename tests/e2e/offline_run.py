@@ -18,7 +18,8 @@ if __name__ == "__main__":
     extra = {"additional_config": {"uniprefill": {}}} if mode == "enabled" else {}
     llm = LLM(model=model, dtype=dtype, max_model_len=4096, enforce_eager=True, **extra)
     try:
-        outputs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))
+        greedy = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+        outputs = llm.generate(prompts, greedy)
         result = {
             "main_pid": os.getpid(),
             "plugin_imported_in_main": "uniprefill.plugin" in sys.modules,
