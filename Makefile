@@ -32,5 +32,8 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
+# The operator tests run the Triton kernels in Triton's interpreter; that setting is kept out of
+# the run that starts vLLM engines.
 test: lint
-	$(BIN)/python -m pytest -v -rs $(PYTEST_ARGS) tests
+	TRITON_INTERPRET=1 $(BIN)/python -m pytest -v -rs $(PYTEST_ARGS) tests/ops
+	$(BIN)/python -m pytest -v -rs --ignore=tests/ops $(PYTEST_ARGS) tests

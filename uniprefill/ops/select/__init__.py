@@ -22,6 +22,12 @@ from uniprefill.ops.select.torch_scores import block_scores_torch
 
 BlockScoreFn = Callable[..., torch.Tensor]
 BLOCK_SCORE_BACKENDS: dict[str, BlockScoreFn] = {"torch": block_scores_torch}
+try:
+    from uniprefill.ops.select.triton_scores import block_scores_triton
+
+    BLOCK_SCORE_BACKENDS["triton"] = block_scores_triton
+except ImportError:  # no triton: the torch backend serves every device
+    pass
 BACKENDS = ("reference", *BLOCK_SCORE_BACKENDS)
 
 
@@ -90,8 +96,8 @@ def select_tokens(
             min_prompt_len=min_prompt_len,
             reduce_block_scores=reduce_block_scores,
         )
-    if backend == "auto":
-        backend = "torch"
+    if backend == "auto":  # Triton on GPUs; on CPU it would run interpreted, so vectorised torch
+        backend = "triton" if q.is_cuda and "triton" in BLOCK_SCORE_BACKENDS else "torch"
     if backend not in BLOCK_SCORE_BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; available: auto, {', '.join(BACKENDS)}")
     prunable = prunable_mask(
