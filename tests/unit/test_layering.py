@@ -11,6 +11,7 @@ from uniprefill.vllm_glue.version import SUPPORTED_VLLM, check_vllm_version
 def test_core_modules_import_without_vllm():
     code = (
         "import sys, uniprefill, uniprefill.config, uniprefill.families, uniprefill.models, "
+        "uniprefill.ops, "
         "uniprefill.serve, uniprefill.cli; "
         "assert 'vllm' not in sys.modules, 'vllm was imported'"
     )
