@@ -1,0 +1,65 @@
+"""uniprefill.reference on the tiny models of every family (transformers only, no engine)."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from tests.conftest import TINY_MODELS
+from uniprefill.config import UniPrefillConfig
+from uniprefill.families import layer_types
+from uniprefill.reference import generate
+
+N = 700  # > tiny-gemma3's 128-token window, several 16-token blocks
+RULE = dict(block_size=16, sink=32, last_q=32, min_prompt_len=0)
+
+
+@pytest.fixture(scope="module", params=TINY_MODELS)
+def model(request, prepared):
+    return AutoModelForCausalLM.from_pretrained(prepared(request.param), dtype=torch.float32)
+
+
+def prompt(seed=0):
+    return torch.randint(10, 1000, (N,), generator=torch.Generator().manual_seed(seed))
+
+
+def test_without_drop_layers_it_is_the_model(model):
+    ids = prompt()
+    with torch.no_grad():
+        logits = model(ids[None]).logits[0, -1].float()
+        hf_tokens = model.generate(ids[None], max_new_tokens=6, do_sample=False)[0, N:].tolist()
+    ours = generate(model, ids, config=None, max_new_tokens=6)
+    torch.testing.assert_close(ours.first_logits, logits, atol=1e-4, rtol=1e-4)
+    assert ours.tokens[: len(hf_tokens)] == hf_tokens
+    assert ours.kept_per_stage == [N] and set(ours.layer_tokens) == {N}
+
+
+def test_p_one_keeps_every_token_and_the_output(model):
+    config = UniPrefillConfig(p=1.0, **RULE).resolve(layer_types(model.config))
+    ours = generate(model, prompt(), config=config, max_new_tokens=6)
+    assert ours.kept_per_stage == [N] * (len(config.drop_layers) + 1)
+    assert ours.tokens == generate(model, prompt(), config=None, max_new_tokens=6).tokens
+
+
+def test_pruning_compounds_and_later_layers_see_only_kept_tokens(model):
+    config = UniPrefillConfig(p=0.9, **RULE).resolve(layer_types(model.config))
+    ours = generate(model, prompt(), config=config, max_new_tokens=6)
+    kept = ours.kept_per_stage
+    assert kept[0] == N and all(a > b for a, b in zip(kept, kept[1:], strict=False))
+    assert kept[-1] >= RULE["sink"] + RULE["last_q"]
+    stage = 0
+    for layer, tokens in enumerate(ours.layer_tokens):  # a drop layer itself runs on its stage
+        assert tokens == kept[stage]
+        stage += layer in config.drop_layers
+    assert len(ours.tokens) == 6
+
+
+def test_selection_backends_agree_inside_the_model(model):
+    config = UniPrefillConfig(p=0.9, **RULE).resolve(layer_types(model.config))
+    fast = generate(model, prompt(1), config=config, max_new_tokens=4, backend="torch")
+    oracle = generate(model, prompt(1), config=config, max_new_tokens=4, backend="reference")
+    assert fast.kept_per_stage == oracle.kept_per_stage and fast.tokens == oracle.tokens
+
+
+def test_unresolved_config_is_refused(model):
+    with pytest.raises(ValueError, match="resolve the config first"):
+        generate(model, prompt(), config=UniPrefillConfig(), max_new_tokens=1)
