@@ -58,6 +58,7 @@ class ReferenceResult:
     first_logits: torch.Tensor  # [vocab] float32 logits of the first generated token
     prefill_seconds: float
     layer_tokens: list[int] = field(default_factory=list)  # tokens each layer processed
+    kept_positions: list[torch.Tensor] = field(default_factory=list)  # prompt positions per drop
 
 
 class _Runner:
@@ -141,7 +142,7 @@ def _generate(runner: _Runner, input_ids, config, max_new_tokens, backend) -> Re
     device = runner.model.device
     ids = input_ids.to(device)
     cache = DynamicCache(config=runner.config)
-    kept, layer_tokens = [ids.numel()], []
+    kept, layer_tokens, kept_positions = [ids.numel()], [], []
 
     def prune(i, hidden, positions):
         layer_tokens.append(hidden.shape[1])
@@ -161,7 +162,9 @@ def _generate(runner: _Runner, input_ids, config, max_new_tokens, backend) -> Re
             backend=backend,
         )
         kept.append(selection.kept_indices.numel())
-        return hidden[:, selection.kept_indices], positions[:, selection.kept_indices], True
+        positions = positions[:, selection.kept_indices]
+        kept_positions.append(positions[0].cpu())
+        return hidden[:, selection.kept_indices], positions, True
 
     start = time.perf_counter()
     with _capturing(drop_layers) as captured:
@@ -177,4 +180,6 @@ def _generate(runner: _Runner, input_ids, config, max_new_tokens, backend) -> Re
         positions = torch.tensor([[ids.numel() + step]], device=device)
         hidden = runner.run_layers(hidden, positions, cache, prefill=False)
         tokens.append(int(runner.logits(hidden[0, -1]).argmax()))
-    return ReferenceResult(tokens, kept, first_logits, prefill_seconds, layer_tokens)
+    return ReferenceResult(
+        tokens, kept, first_logits, prefill_seconds, layer_tokens, kept_positions
+    )

@@ -51,6 +51,9 @@ def test_pruning_compounds_and_later_layers_see_only_kept_tokens(model):
         assert tokens == kept[stage]
         stage += layer in config.drop_layers
     assert len(ours.tokens) == 6
+    for survivors, count in zip(ours.kept_positions, kept[1:], strict=True):
+        assert len(survivors) == count and bool((survivors.diff() > 0).all())  # order kept
+        assert survivors[-1] == N - 1  # the last token always survives
 
 
 def test_selection_backends_agree_inside_the_model(model):
