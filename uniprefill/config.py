@@ -13,6 +13,9 @@ from typing import Any
 
 CONFIG_KEY = "uniprefill"  # the key of vLLM's additional_config that carries these settings
 FULL_ATTENTION = "full_attention"
+# What top-p normalises block scores over: every block (the paper's rule), or only the blocks
+# that are not entirely forced (sink, last queries), which otherwise hold most of the mass.
+NORMALIZE_OVER = ("all_blocks", "unforced_blocks")
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,6 +30,7 @@ class UniPrefillConfig:
     drop_layers: "auto" (chosen from the model's layer kinds) or explicit layer indices; each
         must be a full-attention layer.
     min_prompt_len: prompts shorter than this are never pruned.
+    normalize_over: "all_blocks" (the paper) or "unforced_blocks" (see NORMALIZE_OVER).
     """
 
     enabled: bool = True
@@ -36,6 +40,7 @@ class UniPrefillConfig:
     last_q: int = 128
     drop_layers: str | tuple[int, ...] = "auto"
     min_prompt_len: int = 1024
+    normalize_over: str = "all_blocks"
 
     def __post_init__(self) -> None:
         if not isinstance(self.enabled, bool):
@@ -55,6 +60,11 @@ class UniPrefillConfig:
         if self.last_q == 0:
             raise ValueError("uniprefill.last_q must be at least 1 (the last token scores)")
         _check_drop_layers(self.drop_layers)
+        if self.normalize_over not in NORMALIZE_OVER:
+            raise ValueError(
+                f"uniprefill.normalize_over must be one of {list(NORMALIZE_OVER)}, "
+                f"got {self.normalize_over!r}"
+            )
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any] | None) -> UniPrefillConfig:

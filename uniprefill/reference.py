@@ -159,6 +159,7 @@ def _generate(runner: _Runner, input_ids, config, max_new_tokens, backend) -> Re
             sink=config.sink,
             last_q=config.last_q,
             min_prompt_len=config.min_prompt_len,
+            normalize_over=config.normalize_over,
             backend=backend,
         )
         kept.append(selection.kept_indices.numel())

@@ -35,15 +35,19 @@ def make_batch(lens, num_q_heads=4, num_kv_heads=2, head_dim=32, dtype=torch.flo
     return q, k, cu
 
 
-def request_mass(q, k, start, end, block_size, last_q):
+def request_mass(q, k, start, end, block_size, last_q, normalize_over="all_blocks"):
     """Normalised block masses of one request, in float64, from the reference scores."""
     scores = token_scores_reference(q[end - last_q : end], k[start:end]).double()
     n = end - start
     blocks = torch.stack([scores[b : b + block_size].sum() for b in range(0, n, block_size)])
+    if normalize_over == "unforced_blocks":
+        for i in range(len(blocks)):
+            if (i + 1) * block_size <= RULE["sink"] or i * block_size >= n - last_q:
+                blocks[i] = 0.0
     return blocks / blocks.sum()
 
 
-def near_threshold_tokens(q, k, cu, p, block_size, last_q, eps=1e-4):
+def near_threshold_tokens(q, k, cu, p, block_size, last_q, eps=1e-4, normalize_over="all_blocks"):
     """Tokens of blocks whose mass-before-them is within eps of p: a backend may round them
     either way."""
     loose = torch.zeros(q.shape[0], dtype=torch.bool)
@@ -51,7 +55,7 @@ def near_threshold_tokens(q, k, cu, p, block_size, last_q, eps=1e-4):
     for start, end in zip(bounds[:-1], bounds[1:], strict=True):
         if end - start <= RULE["sink"] + last_q:
             continue
-        mass = request_mass(q, k, start, end, block_size, last_q)
+        mass = request_mass(q, k, start, end, block_size, last_q, normalize_over)
         order = sorted(range(len(mass)), key=lambda b: (-float(mass[b]), b))
         before = 0.0
         for b in order:
@@ -59,6 +63,13 @@ def near_threshold_tokens(q, k, cu, p, block_size, last_q, eps=1e-4):
                 loose[start + b * block_size : min(end, start + (b + 1) * block_size)] = True
             before += float(mass[b])
     return loose
+
+
+def fully_kept_blocks(keep: torch.Tensor, block_size: int) -> torch.Tensor:
+    """[num_blocks] bool: every token of the block survived (a partial last block included)."""
+    return torch.tensor(
+        [bool(keep[b : b + block_size].all()) for b in range(0, len(keep), block_size)]
+    )
 
 
 LENGTH_CASES = {
@@ -120,10 +131,7 @@ def test_rule_properties(backend):
         assert keep[: RULE["sink"]].all() and keep[n - RULE["last_q"] :].all()
         assert not keep.all()  # something was pruned
         mass = request_mass(q, k, start, end, 16, 32)
-        kept_blocks = keep.view(-1)[::16][: len(mass)] | torch.tensor(
-            [keep[b : b + 16].all().item() for b in range(0, n, 16)]
-        )
-        assert mass[kept_blocks].sum() >= p - 1e-6
+        assert mass[fully_kept_blocks(keep, 16)].sum() >= p - 1e-6
         assert int(sel.lens[r]) == int(keep.sum())
 
 
@@ -224,6 +232,21 @@ def test_bad_input_is_a_clear_value_error(change, message):
             last_q=2,
             backend=args["backend"],
         )
+
+
+@pytest.mark.parametrize("backend", RUNNABLE)
+def test_unforced_normalization_counts_only_unforced_blocks(backend):
+    lens = [1, 1500, 700]
+    q, k, cu = make_batch(lens, seed=5)
+    p, rule = 0.7, dict(RULE, normalize_over="unforced_blocks")
+    ours = select_tokens(q, k, cu, p=p, **rule, backend=backend)
+    ref = select_tokens(q, k, cu, p=p, **rule, backend="reference")
+    loose = near_threshold_tokens(q, k, cu, p, 16, 32, normalize_over="unforced_blocks")
+    assert not ((ours.keep != ref.keep) & ~loose).any()
+    bounds = cu.tolist()
+    for start, end in zip(bounds[1:-1], bounds[2:], strict=True):
+        mass = request_mass(q, k, start, end, 16, 32, "unforced_blocks")
+        assert mass[fully_kept_blocks(ours.keep[start:end], 16)].sum() >= p - 1e-6
 
 
 def test_scores_are_a_distribution_per_query():

@@ -71,6 +71,7 @@ def select_tokens(
     last_q: int,
     min_prompt_len: int = 0,
     reduce_block_scores: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    normalize_over: str = "all_blocks",
     backend: str = "auto",
 ) -> Selection:
     """Select the tokens to keep at a drop layer (DESIGN.md 1.1), for B requests of T tokens.
@@ -81,12 +82,21 @@ def select_tokens(
     reduce_block_scores: called once with the float32 [B, max_blocks] block scores of this
     rank's heads; must return their sum over the tensor-parallel group (e.g. an all-reduce), so
     every rank keeps the same tokens.
+    normalize_over: "all_blocks" (the paper's rule) or "unforced_blocks" (top-p mass counted
+    only over blocks not wholly inside the sink or the last queries).
     """
     UniPrefillConfig(
-        p=p, block_size=block_size, sink=sink, last_q=last_q, min_prompt_len=min_prompt_len
+        p=p,
+        block_size=block_size,
+        sink=sink,
+        last_q=last_q,
+        min_prompt_len=min_prompt_len,
+        normalize_over=normalize_over,
     )
     _check_inputs(q, k, cu_seqlens)
-    settings = dict(p=p, block_size=block_size, sink=sink, last_q=last_q)
+    settings = dict(
+        p=p, block_size=block_size, sink=sink, last_q=last_q, normalize_over=normalize_over
+    )
     if backend == "reference":
         return select_tokens_reference(
             q,

@@ -37,6 +37,15 @@ def prunable_mask(
     return (lens > sink + last_q) & (lens >= min_prompt_len) & (p < 1.0)
 
 
+def forced_blocks(
+    block: torch.Tensor, lens: torch.Tensor, *, block_size: int, sink: int, last_q: int
+) -> torch.Tensor:
+    """[B, len(block)] bool: block lies entirely in the sink or in the last queries."""
+    in_sink = (block + 1) * block_size <= sink
+    in_tail = block * block_size >= (lens - last_q)[:, None]
+    return in_sink[None, :] | in_tail
+
+
 def selection_from_keep(keep: torch.Tensor, cu_seqlens: torch.Tensor) -> Selection:
     kept_before = torch.zeros(keep.numel() + 1, dtype=torch.int64, device=keep.device)
     torch.cumsum(keep, dim=0, out=kept_before[1:])
@@ -58,6 +67,7 @@ def keep_from_block_scores(
     block_size: int,
     sink: int,
     last_q: int,
+    normalize_over: str = "all_blocks",
 ) -> torch.Tensor:
     """Top-p over each request's blocks, then forced tokens. Returns keep: [T] bool.
 
@@ -66,7 +76,11 @@ def keep_from_block_scores(
     cu = cu_seqlens.long()
     lens = cu.diff()
     num_blocks = (lens + block_size - 1) // block_size
-    real_block = torch.arange(block_scores.shape[1], device=cu.device) < num_blocks[:, None]
+    block = torch.arange(block_scores.shape[1], device=cu.device)
+    real_block = block < num_blocks[:, None]
+    if normalize_over == "unforced_blocks":
+        forced_block = forced_blocks(block, lens, block_size=block_size, sink=sink, last_q=last_q)
+        block_scores = block_scores.masked_fill(forced_block, 0.0)
     mass = block_scores / block_scores.sum(dim=1, keepdim=True).clamp_min(1e-30)
     # Stable descending sort: equal scores keep block order, so ties go to the earlier block.
     sorted_mass, order = torch.sort(mass, dim=1, descending=True, stable=True)

@@ -61,6 +61,7 @@ def select_tokens_reference(
     last_q: int,
     min_prompt_len: int = 0,
     reduce_block_scores: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    normalize_over: str = "all_blocks",
 ) -> Selection:
     bounds = cu_seqlens.tolist()
     spans = list(zip(bounds[:-1], bounds[1:], strict=True))
@@ -81,7 +82,12 @@ def select_tokens_reference(
     for r in pruned:
         start, end = spans[r]
         n = end - start
-        kept_blocks = top_p_blocks_reference(block_scores[r, : math.ceil(n / block_size)], p)
+        scores = block_scores[r, : math.ceil(n / block_size)].clone()
+        if normalize_over == "unforced_blocks":  # blocks wholly inside sink or tail drop out
+            for b in range(len(scores)):
+                if (b + 1) * block_size <= sink or b * block_size >= n - last_q:
+                    scores[b] = 0.0
+        kept_blocks = top_p_blocks_reference(scores, p)
         request_keep = kept_blocks.repeat_interleave(block_size)[:n]
         request_keep[:sink] = True
         request_keep[n - last_q :] = True
