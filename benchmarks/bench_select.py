@@ -119,7 +119,7 @@ def main() -> None:
         "torch": torch.__version__,
         "cpu": platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(),
-        **{k: v for k, v in vars(args).items() if k not in ("json", "plot")},
+        **{k: v for k, v in vars(args).items() if k not in ("json", "plot", "threads")},
     }
     print(json.dumps(setup))
     header = ["tokens", "layer ms"] + [f"{b} ms  % layer" for b in args.backends]

@@ -253,3 +253,16 @@ def test_scores_are_a_distribution_per_query():
     q, k, _ = make_batch([300])
     scores = token_scores_reference(q[-32:], k)
     assert math.isclose(float(scores.sum()), 32 * 4, rel_tol=1e-5)  # 32 queries x 4 heads
+
+
+def test_torch_backend_chunking_does_not_change_the_tokens(monkeypatch):
+    """Chunks rescaled at the end must keep what one chunk over all keys keeps."""
+    from uniprefill.ops.select import torch_scores
+
+    q, k, cu = make_batch([1, 1500, 900], seed=6)
+    monkeypatch.setattr(torch_scores, "TILE_ELEMENTS", 1 << 30)  # one chunk
+    one_tile = select_tokens(q, k, cu, p=0.9, **RULE, backend="torch")
+    monkeypatch.setattr(torch_scores, "TILE_ELEMENTS", 4 * 32 * 64)  # 64-key chunks
+    chunked = select_tokens(q, k, cu, p=0.9, **RULE, backend="torch")
+    differ = one_tile.keep != chunked.keep
+    assert not (differ & ~near_threshold_tokens(q, k, cu, 0.9, 16, 32)).any()

@@ -1,8 +1,10 @@
 """Block scores in vectorised PyTorch: the fast CPU backend (and a GPU fallback).
 
-All prunable requests at once, keys padded to the longest one and taken in chunks, two passes:
-the first finds each query's softmax max and normaliser (online), the second sums probabilities
-into blocks. Memory stays at one [B, Hq, last_q, chunk] tile, never [B, Hq, last_q, n].
+All prunable requests at once, keys padded to the longest one, in one pass over cache-sized key
+chunks. Logits of a chunk are one batched matmul laid out [requests x key heads, group x last_q,
+keys]. Each chunk leaves, per query, its own max and exp-sum and per-block sums of
+exp(logit - chunk max); once every chunk is seen, each chunk's block sums are rescaled by
+exp(chunk max - final max) / final exp-sum. The logits are computed once and never held whole.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import math
 
 import torch
 
-TILE_ELEMENTS = 1 << 24  # logits per chunk tile (64 MB in float32)
+TILE_ELEMENTS = 1 << 20  # logits per chunk (4 MB in float32: stays in cache; measured faster)
 
 
 def _rows(x: torch.Tensor, starts: torch.Tensor, lens: torch.Tensor, lo: int, hi: int):
@@ -33,48 +35,49 @@ def block_scores_torch(
     """[B, max_blocks] float32 block scores; rows of requests that are not prunable are zero."""
     cu = cu_seqlens.long()
     lens = cu.diff()
-    num_reqs = lens.numel()
-    num_kv_heads, head_dim = k.shape[1], k.shape[2]
-    group = q.shape[1] // num_kv_heads
+    num_reqs, (num_q_heads, head_dim), num_kv_heads = lens.numel(), q.shape[1:], k.shape[1]
+    group = num_q_heads // num_kv_heads
     max_blocks = int((lens.max() + block_size - 1) // block_size) if num_reqs else 0
     out = torch.zeros(num_reqs, max_blocks, dtype=torch.float32, device=q.device)
     chosen = prunable.nonzero().squeeze(1)
     if chosen.numel() == 0:
         return out
-    starts, n = cu[chosen], lens[chosen]
+    reqs, starts, n = chosen.numel(), cu[chosen], lens[chosen]
     width = int(n.max())
-    # [R, last_q, Hk, group, d]: each request's last queries, grouped by their key head.
-    q_last = q[(starts + n - last_q)[:, None] + torch.arange(last_q, device=q.device)]
-    q_last = q_last.float().view(len(chosen), last_q, num_kv_heads, group, head_dim)
-    q_last = q_last * (1.0 / math.sqrt(head_dim))
-    query_pos = (n[:, None] - last_q + torch.arange(last_q, device=q.device))[
-        :, :, None, None, None
-    ]
-    chunk = max(block_size, TILE_ELEMENTS // (len(chosen) * q.shape[1] * last_q))
+    # Queries as [R * Hk, group * last_q, d], scaled; row j is query j % last_q of its group.
+    rows = (starts + n - last_q)[:, None] + torch.arange(last_q, device=q.device)
+    q_last = q[rows].float().view(reqs, last_q, num_kv_heads, group, head_dim)
+    q_last = (q_last * (1.0 / math.sqrt(head_dim))).permute(0, 2, 3, 1, 4)
+    q_last = q_last.reshape(reqs * num_kv_heads, group * last_q, head_dim)
+    query_pos = (n[:, None] - last_q + torch.arange(last_q, device=q.device)).repeat(1, group)
+    chunk = max(block_size, TILE_ELEMENTS // (reqs * num_q_heads * last_q))
     chunk = chunk // block_size * block_size
+    key_pos = torch.arange(width, device=q.device)
 
-    def logits(lo: int) -> torch.Tensor:  # [R, last_q, Hk, group, c], hidden keys at -inf
+    chunk_max, chunk_sum, block_sums = [], [], []
+    for lo in range(0, width, chunk):
         hi = min(lo + chunk, width)
-        keys = _rows(k, starts, n, lo, hi).float()
-        tile = torch.einsum("rqhgd,rkhd->rqhgk", q_last, keys)
-        key_pos = torch.arange(lo, hi, device=q.device)
-        return tile.masked_fill(key_pos > query_pos, -math.inf)
+        keys = _rows(k, starts, n, lo, hi).float()  # [R, c, Hk, d]
+        keys = keys.permute(0, 2, 3, 1).reshape(reqs * num_kv_heads, head_dim, hi - lo)
+        logits = torch.bmm(q_last, keys).view(reqs, num_kv_heads, group * last_q, hi - lo)
+        hidden = key_pos[lo:hi] > query_pos[:, :, None]  # [R, group * last_q, c]
+        logits.masked_fill_(hidden[:, None], -math.inf)
+        # Key 0 is in the first chunk and visible to every query, so the final max is finite;
+        # a later chunk whose keys are all hidden has max -inf and is zeroed by its scale below.
+        top = logits.amax(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).min)
+        probs = torch.exp(logits.sub_(top))
+        chunk_max.append(top.squeeze(-1))
+        chunk_sum.append(probs.sum(dim=-1))
+        probs = torch.nn.functional.pad(probs, (0, -(hi - lo) % block_size))
+        block_sums.append(probs.view(*probs.shape[:-1], -1, block_size).sum(dim=-1))
 
-    row_max = torch.full(q_last.shape[:-1], -math.inf, device=q.device)
-    row_sum = torch.zeros(q_last.shape[:-1], device=q.device)
-    for lo in range(0, width, chunk):
-        tile = logits(lo)
-        new_max = torch.maximum(row_max, tile.amax(dim=-1))
-        row_sum = row_sum * torch.exp(row_max - new_max) + torch.exp(tile - new_max[..., None]).sum(
-            dim=-1
-        )
-        row_max = new_max
-    for lo in range(0, width, chunk):
-        probs = torch.exp(logits(lo) - row_max[..., None]) / row_sum[..., None]
-        token_scores = probs.sum(dim=(1, 2, 3))  # [R, c]
-        c = token_scores.shape[1]
-        padded = torch.nn.functional.pad(token_scores, (0, -c % block_size))
-        out[chosen, lo // block_size : lo // block_size + padded.shape[1] // block_size] = (
-            padded.view(len(chosen), -1, block_size).sum(dim=2)
-        )
+    maxes = torch.stack(chunk_max)  # [chunks, R, Hk, group * last_q]
+    final_max = maxes.amax(dim=0)
+    rescale = torch.exp(maxes - final_max)
+    total = (torch.stack(chunk_sum) * rescale).sum(dim=0)
+    scale = rescale / total  # turns each chunk's block sums into probabilities
+    blocks = torch.cat(
+        [(sums * scale[i, ..., None]).sum(dim=(1, 2)) for i, sums in enumerate(block_sums)], dim=1
+    )  # [R, ceil(width / block_size)]
+    out[chosen, : blocks.shape[1]] = blocks
     return out
