@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -42,7 +43,15 @@ def _resolve_model(name_or_path: str) -> tuple[str, str | None]:
     """A catalog name is prepared and served under that name; a path is served as is."""
     if Path(name_or_path).is_dir():
         return name_or_path, None
-    return str(models.prepare(name_or_path)), name_or_path
+    if not models.is_prepared(name_or_path):
+        # In a child process, so the GBs that conversion touches go back to the OS before serving.
+        cmd = [sys.executable, "-m", "uniprefill.cli", "models", "prepare", name_or_path]
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    return str(models.model_dir(name_or_path)), name_or_path
+
+
+def _interrupt(*_: object) -> None:
+    raise KeyboardInterrupt  # unwinds out of proc.wait() into the `finally` that stops vLLM
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -57,7 +66,7 @@ def _serve(args: argparse.Namespace) -> int:
     )
     print("+ " + " ".join(cmd), flush=True)
     proc = serve.start(cmd, serve.serve_env(args.kv_cache_gib))
-    signal.signal(signal.SIGTERM, lambda *_: serve.stop(proc))
+    signal.signal(signal.SIGTERM, _interrupt)
     base_url = f"http://{args.host}:{args.port}"
     try:
         serve.wait_until_ready(proc, base_url)

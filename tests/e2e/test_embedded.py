@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import openai
+import psutil
 import pytest
 
 from tests.e2e.procs import free_port
@@ -77,12 +78,12 @@ def main_job(tmp_path_factory):
     except Exception:
         serve.stop(proc)
         raise AssertionError(log_path.read_text()[-4000:]) from None
-    yield port, log_path
+    yield port, log_path, proc
     serve.stop(proc)
 
 
 def test_served_default_model_answers_a_passkey_question(main_job):
-    port, log_path = main_job
+    port, log_path, _ = main_job
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused")
     assert [m.id for m in client.models.list().data] == [QWEN]
     reply = client.chat.completions.create(
@@ -97,3 +98,13 @@ def test_served_default_model_answers_a_passkey_question(main_job):
     assert "--dtype float32" in log or "--dtype auto" in log
     assert "UniPrefill active" in log
     assert f"serving {QWEN} at http://127.0.0.1:{port}/v1" in log and "curl " in log
+
+
+def test_sigterm_stops_the_launcher_and_every_vllm_process(main_job):
+    _, log_path, proc = main_job
+    family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    assert len(family) >= 4  # launcher, API server, engine core, worker
+    proc.terminate()
+    assert proc.wait(timeout=120) == 0, log_path.read_text()[-3000:]
+    _, alive = psutil.wait_procs(family, timeout=30)
+    assert not [p.pid for p in alive if p.status() != psutil.STATUS_ZOMBIE]
