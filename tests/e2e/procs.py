@@ -6,7 +6,11 @@ import re
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+
+from uniprefill import serve
 
 # vLLM prefixes every line a child process logs with "(EngineCore pid=N)", "(VllmWorker-0 pid=N)".
 _PREFIX = re.compile(r"^\((?P<proc>[\w-]+) pid=(?P<pid>\d+)\)")
@@ -44,3 +48,20 @@ def run_offline(
     assert proc.returncode == 0, log[-4000:]
     result = next(line for line in log.splitlines() if line.startswith("RESULT "))
     return json.loads(result.removeprefix("RESULT ")), log
+
+
+@contextmanager
+def running_server(
+    cmd: list[str], env: dict, log_path: Path, port: int, timeout_s: float = 600
+) -> Iterator[subprocess.Popen]:
+    """A server process that answers /health on port; stopped on exit. A server that never
+    becomes ready fails the test with the tail of its log."""
+    proc = serve.start(cmd, env, log_path)
+    try:
+        try:
+            serve.wait_until_ready(proc, f"http://127.0.0.1:{port}", timeout_s=timeout_s)
+        except Exception:
+            raise AssertionError(log_path.read_text()[-4000:]) from None
+        yield proc
+    finally:
+        serve.stop(proc)

@@ -9,7 +9,7 @@ import openai
 import psutil
 import pytest
 
-from tests.e2e.procs import free_port
+from tests.e2e.procs import free_port, running_server
 from uniprefill import models, serve
 
 QWEN = "qwen2.5-coder-0.5b-instruct"
@@ -72,14 +72,8 @@ def main_job(tmp_path_factory):
         "--max-model-len",
         "8192",
     ]
-    proc = serve.start(cmd, serve.serve_env(), log_path)
-    try:
-        serve.wait_until_ready(proc, f"http://127.0.0.1:{port}", timeout_s=900)
-    except Exception:
-        serve.stop(proc)
-        raise AssertionError(log_path.read_text()[-4000:]) from None
-    yield port, log_path, proc
-    serve.stop(proc)
+    with running_server(cmd, serve.serve_env(), log_path, port, timeout_s=900) as proc:
+        yield port, log_path, proc
 
 
 def test_served_default_model_answers_a_passkey_question(main_job):

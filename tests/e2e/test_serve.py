@@ -6,7 +6,7 @@ import openai
 import psutil
 import pytest
 
-from tests.e2e.procs import free_port, lines_from
+from tests.e2e.procs import free_port, lines_from, running_server
 from uniprefill import serve
 
 ENGINE_ARGS = ["--max-model-len", "4096", "--enforce-eager"]
@@ -24,14 +24,8 @@ def server(prepared, tmp_path_factory):
         dtype="float32",
         extra_args=ENGINE_ARGS,
     )
-    proc = serve.start(cmd, serve.serve_env(kv_cache_gib=1), log_path)
-    try:
-        serve.wait_until_ready(proc, f"http://127.0.0.1:{port}")
-    except Exception:
-        serve.stop(proc)
-        raise AssertionError(log_path.read_text()[-4000:]) from None
-    yield proc, port, log_path
-    serve.stop(proc)
+    with running_server(cmd, serve.serve_env(kv_cache_gib=1), log_path, port) as proc:
+        yield proc, port, log_path
 
 
 def test_answers_through_the_openai_client(server):
