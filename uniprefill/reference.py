@@ -70,33 +70,36 @@ class _Runner:
         self.config = model.config
         self.kinds = layer_types(self.config)
         rotary_params = inspect.signature(self.inner.rotary_emb.forward).parameters
-        self.rotary_per_kind = "layer_type" in rotary_params  # Gemma 3: local and global RoPE
+        self.rotary_per_kind = "layer_type" in rotary_params
         self.window = getattr(self.config, "sliding_window", None)
 
-    def position_embeddings(self, hidden: torch.Tensor, positions: torch.Tensor) -> dict:
-        if self.rotary_per_kind:
-            return {k: self.inner.rotary_emb(hidden, positions, k) for k in set(self.kinds)}
-        shared = self.inner.rotary_emb(hidden, positions)
-        return {k: shared for k in set(self.kinds)}
+    def stage_inputs(self, hidden: torch.Tensor, positions: torch.Tensor, prefill: bool):
+        """Per layer kind, the RoPE embeddings and attention mask for the current tokens.
 
-    def prefill_mask(self, kind: str, n: int, device: torch.device) -> torch.Tensor | None:
-        """None means causal (SDPA) or no mask (linear layers); sliding layers get their window
-        over the current, compacted token order."""
-        if kind != "sliding_attention":
-            return None
-        i = torch.arange(n, device=device)
-        visible = (i[None, :] <= i[:, None]) & (i[:, None] - i[None, :] < self.window)
-        return visible[None, None]
+        They change only when tokens are dropped, so each stage builds them once. Mask None means
+        causal (SDPA), no mask (linear layers), or, in decode, the layer's whole cache (a
+        sliding cache holds its window); sliding layers in prefill get their window over the
+        current, compacted token order.
+        """
+        if self.rotary_per_kind:  # Gemma 3: local and global RoPE
+            embeddings = {k: self.inner.rotary_emb(hidden, positions, k) for k in set(self.kinds)}
+        else:
+            shared = self.inner.rotary_emb(hidden, positions)
+            embeddings = {k: shared for k in set(self.kinds)}
+        masks = dict.fromkeys(self.kinds)
+        if prefill and "sliding_attention" in masks:
+            i = torch.arange(hidden.shape[1], device=hidden.device)
+            visible = (i[None, :] <= i[:, None]) & (i[:, None] - i[None, :] < self.window)
+            masks["sliding_attention"] = visible[None, None]
+        return embeddings, masks
 
     def run_layers(self, hidden, positions, cache, prefill: bool, on_layer=None):
-        embeddings = self.position_embeddings(hidden, positions)
+        embeddings, masks = self.stage_inputs(hidden, positions, prefill)
         for i, layer in enumerate(self.inner.layers):
             kind = self.kinds[i]
-            # Decode: one query sees its layer's whole cache (a sliding cache holds its window).
-            mask = self.prefill_mask(kind, hidden.shape[1], hidden.device) if prefill else None
             hidden = layer(
                 hidden,
-                attention_mask=mask,
+                attention_mask=masks[kind],
                 position_embeddings=embeddings[kind],
                 position_ids=positions,
                 past_key_values=cache,
@@ -104,7 +107,7 @@ class _Runner:
             if on_layer is not None:
                 hidden, positions, changed = on_layer(i, hidden, positions)
                 if changed:
-                    embeddings = self.position_embeddings(hidden, positions)
+                    embeddings, masks = self.stage_inputs(hidden, positions, prefill)
         return hidden
 
     def logits(self, hidden_last: torch.Tensor) -> torch.Tensor:

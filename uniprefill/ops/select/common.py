@@ -25,15 +25,10 @@ class Selection:
     cu_seqlens: torch.Tensor
 
 
-def is_prunable(n: int, *, p: float, sink: int, last_q: int, min_prompt_len: int) -> bool:
-    """A request of n tokens is pruned only if something can go (decode rows never can)."""
-    return p < 1.0 and n > sink + last_q and n >= min_prompt_len
-
-
 def prunable_mask(
     lens: torch.Tensor, *, p: float, sink: int, last_q: int, min_prompt_len: int
 ) -> torch.Tensor:
-    """is_prunable for every request at once: [B] bool."""
+    """[B] bool: a request is pruned only if something can go (decode rows never can)."""
     return (lens > sink + last_q) & (lens >= min_prompt_len) & (p < 1.0)
 
 

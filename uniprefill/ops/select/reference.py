@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import torch
 
-from uniprefill.ops.select.common import Selection, is_prunable, selection_from_keep
+from uniprefill.ops.select.common import Selection, prunable_mask, selection_from_keep
 
 
 def token_scores_reference(q_last: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -67,10 +67,13 @@ def select_tokens_reference(
     spans = list(zip(bounds[:-1], bounds[1:], strict=True))
     max_blocks = max((math.ceil((e - s) / block_size) for s, e in spans), default=0)
     block_scores = torch.zeros(len(spans), max_blocks)
+    prunable = prunable_mask(
+        cu_seqlens.long().diff(), p=p, sink=sink, last_q=last_q, min_prompt_len=min_prompt_len
+    ).tolist()
     pruned = []
     for r, (start, end) in enumerate(spans):
         n = end - start
-        if is_prunable(n, p=p, sink=sink, last_q=last_q, min_prompt_len=min_prompt_len):
+        if prunable[r]:
             scores = token_scores_reference(q[end - last_q : end], k[start:end])
             for b in range(math.ceil(n / block_size)):
                 block_scores[r, b] = scores[b * block_size : (b + 1) * block_size].sum()
