@@ -79,10 +79,12 @@ def start(
     cmd: Sequence[str], env: dict[str, str], log_path: Path | None = None
 ) -> subprocess.Popen:
     """Start the server in its own process group (so `stop` can end its engine children too)."""
-    out = log_path.open("wb") if log_path else None
-    return subprocess.Popen(
-        cmd, env=env, stdout=out, stderr=subprocess.STDOUT if out else None, start_new_session=True
-    )
+    if log_path is None:
+        return subprocess.Popen(cmd, env=env, start_new_session=True)
+    with log_path.open("wb") as out:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen(
+            cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
 
 
 def wait_until_ready(proc: subprocess.Popen, base_url: str, timeout_s: float = 600) -> None:
