@@ -62,13 +62,28 @@ def run_sample(model, tokenizer, ids, answer_tokens, sample, config) -> dict:
     }
 
 
+NORMALIZE = {"all": "all_blocks", "unforced": "unforced_blocks"}
+
+
+def parse_setting(spec: str) -> UniPrefillConfig:
+    """`DROPS/P/LAST_Q/all|unforced`, e.g. `6,10,14,18/0.99/128/all` (the paper's rule)."""
+    drops, p, last_q, norm = spec.split("/")
+    layers = tuple(int(x) for x in drops.split(","))
+    return UniPrefillConfig(
+        p=float(p),
+        last_q=int(last_q),
+        drop_layers=layers,
+        normalize_over=NORMALIZE[norm],
+        min_prompt_len=0,
+    )
+
+
 def settings(args) -> dict[str, UniPrefillConfig | None]:
-    grid = {"baseline": None}
-    for drops, p, last_q in itertools.product(args.drop_sets, args.p, args.last_q):
-        layers = tuple(int(x) for x in drops.split(","))
-        config = UniPrefillConfig(p=p, last_q=last_q, drop_layers=layers, min_prompt_len=0)
-        grid[f"drop{drops}/p{p}/q{last_q}"] = config
-    return grid
+    specs = args.settings or [
+        "/".join(map(str, combo))
+        for combo in itertools.product(args.drop_sets, args.p, args.last_q, args.normalize_over)
+    ]
+    return {"baseline": None} | {spec: parse_setting(spec) for spec in specs}
 
 
 def summarize(name: str, runs: list[dict], baseline: list[dict]) -> dict:
@@ -102,6 +117,12 @@ def main() -> None:
     parser.add_argument("--p", type=float, nargs="+", default=[0.9, 0.95, 0.99])
     parser.add_argument("--drop-sets", nargs="+", default=["6,10,14,18", "3,7,11,15,19"])
     parser.add_argument("--last-q", type=int, nargs="+", default=[16, 64, 128])
+    parser.add_argument("--normalize-over", nargs="+", default=["all"], choices=list(NORMALIZE))
+    parser.add_argument(
+        "--settings",
+        nargs="+",
+        help="explicit DROPS/P/LAST_Q/all|unforced list (overrides the grid)",
+    )
     parser.add_argument("--json", help="write every run and the summary here")
     args = parser.parse_args()
 
@@ -118,7 +139,7 @@ def main() -> None:
             run = run_sample(model, tokenizer, ids, answer_tokens, sample, config)
             run.update(task=task, tokens=len(ids), depth=depth, seed=seed)
             runs[name].append(run)
-            print(f"{name:28} {task:10} {len(ids):6} d={depth} ok={run['correct']} "
+            print(f"{name:32} {task:10} {len(ids):6} d={depth} ok={run['correct']} "
                   f"kept={run['kept']} {run['prefill_s']:.1f}s {run['reply'][:40]!r}",
                   flush=True)  # fmt: skip
     summary = [summarize(name, rs, runs["baseline"]) for name, rs in runs.items()]

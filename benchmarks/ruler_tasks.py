@@ -55,12 +55,111 @@ class Sample:
     needles: list[str]
 
 
+# Pools for generated sentences, so a long haystack never repeats a paragraph verbatim.
+WHEN = [
+    "At dawn",
+    "Late that evening",
+    "Every other Sunday",
+    "In the dry season",
+    "Before the storm",
+    "After the harvest",
+    "On the first day of term",
+    "Long after midnight",
+    "By the end of May",
+    "During the festival",
+    "In those quiet years",
+    "Just before noon",
+]
+WHO = [
+    "the ferryman",
+    "a young cartographer",
+    "the village doctor",
+    "two retired teachers",
+    "the night porter",
+    "a travelling violinist",
+    "the mayor's sister",
+    "a pair of geologists",
+    "the lighthouse keeper",
+    "an apprentice carpenter",
+    "the choir director",
+    "a botanist",
+]
+DID = [
+    "repaired",
+    "sketched",
+    "measured",
+    "argued about",
+    "carried",
+    "photographed",
+    "counted",
+    "painted",
+    "rebuilt",
+    "wrote a letter about",
+    "quietly studied",
+    "sold",
+]
+WHAT = [
+    "the broken weather vane",
+    "a crate of lemons",
+    "the chapel's bell rope",
+    "an unfinished quilt",
+    "the old tide tables",
+    "a map of the eastern marshes",
+    "the station clock",
+    "a basket of walnuts",
+    "the school's only telescope",
+    "a stack of unpaid invoices",
+    "the cracked fountain",
+    "a box of glass marbles",
+]
+WHERE = [
+    "near the harbour wall",
+    "behind the bakery",
+    "on the hill above the quarry",
+    "in the library's cold reading room",
+    "beside the tram depot",
+    "under the railway bridge",
+    "at the edge of the orchard",
+    "in a rented attic",
+    "across from the town hall",
+    "by the frozen canal",
+    "outside the post office",
+    "in the greenhouse",
+]
+WHY = [
+    "because nobody else would",
+    "to settle an old bet",
+    "for the spring fair",
+    "as a favour to a neighbour",
+    "without telling anyone",
+    "while the rain kept falling",
+    "as the bells rang",
+    "before the inspectors arrived",
+    "for reasons never explained",
+    "with surprising patience",
+    "to pass the time",
+    "for a visiting cousin",
+]
+
+
+def _generated_paragraph(rng: random.Random) -> str:
+    pools = (WHEN, WHO, DID, WHAT, WHERE, WHY)
+    sentences = []
+    for _ in range(rng.randint(2, 4)):
+        when, who, did, what, where, why = (rng.choice(pool) for pool in pools)
+        sentences.append(f"{when}, {who} {did} {what} {where} {why}.")
+    return " ".join(sentences)
+
+
 def _haystack(rng: random.Random, needles: list[str], depth: float, words: int) -> str:
+    """Hand-written paragraphs shuffled among generated ones, with the needles at `depth`."""
     paragraphs: list[str] = []
+    written = []
     while sum(len(p.split()) for p in paragraphs) < words:
-        batch = PROSE[:]
-        rng.shuffle(batch)
-        paragraphs += batch
+        if not written:
+            written = PROSE[:]
+            rng.shuffle(written)
+        paragraphs.append(written.pop() if rng.random() < 0.3 else _generated_paragraph(rng))
     at = round(depth * len(paragraphs))
     for offset, needle in enumerate(needles):  # consecutive needles spread a little
         paragraphs.insert(min(len(paragraphs), at + 3 * offset), needle)
