@@ -1,4 +1,13 @@
-"""The scheduler vLLM's engine core uses when UniPrefill is enabled (via `scheduler_cls`)."""
+"""The scheduler vLLM's engine core uses when UniPrefill is enabled (via `scheduler_cls`).
+
+Two duties for a request that will be pruned (decided from the request alone, as the worker
+decides it; see uniprefill.requests):
+- its prompt is prefilled in one step, never in chunks: the selection needs the prompt's last
+  queries over all of its keys. It waits for a step with room instead;
+- its KV blocks never enter or come from the prefix cache: after a drop layer they hold the
+  compacted layout, which another request with the same prefix must not reuse. Other requests
+  keep prefix caching.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +15,10 @@ import os
 from typing import Any
 
 from vllm.v1.core.sched.scheduler import Scheduler
+from vllm.v1.request import Request
 
 from uniprefill.config import CONFIG_KEY, UniPrefillConfig
+from uniprefill.requests import request_p, will_prune
 from uniprefill.vllm_glue.log import get_logger
 
 logger = get_logger(__name__)
@@ -19,9 +30,48 @@ class UniPrefillScheduler(Scheduler):
         from uniprefill import plugin
 
         self.uniprefill = UniPrefillConfig.from_dict(vllm_config.additional_config[CONFIG_KEY])
+        self.pruned_req_ids: set[str] = set()  # may be pruned: no prefix cache, no chunking
+        coordinator = self.kv_cache_manager.coordinator
+        cache_blocks = coordinator.cache_blocks
+
+        def cache_unless_pruned(request: Request, num_computed_tokens: int) -> None:
+            if request.request_id not in self.pruned_req_ids:
+                cache_blocks(request, num_computed_tokens)
+
+        coordinator.cache_blocks = cache_unless_pruned
         logger.info(
-            "UniPrefill scheduler active (pid %d, plugin registered here: %s): %s",
+            "UniPrefill scheduler active (pid %d, plugin registered here: %s): %s; prefix "
+            "caching %s",
             os.getpid(),
             plugin.is_registered(),
             self.uniprefill.to_dict(),
+            "stays on for unpruned requests; pruned requests neither read nor fill it"
+            if self.kv_cache_manager.enable_caching
+            else "is off",
         )
+
+    def add_request(self, request: Request) -> None:
+        p = request_p(self.uniprefill, request.sampling_params)
+        if will_prune(self.uniprefill, p, request.num_prompt_tokens):
+            self.pruned_req_ids.add(request.request_id)
+            request.skip_reading_prefix_cache = True
+        super().add_request(request)
+
+    def _reserve_prefill_lookahead(
+        self, request: Request, num_computed_tokens: int, num_new_tokens: int
+    ) -> int:
+        num_new_tokens = super()._reserve_prefill_lookahead(
+            request, num_computed_tokens, num_new_tokens
+        )
+        fresh_prompt = num_computed_tokens == 0 and request.num_output_tokens == 0
+        if (
+            fresh_prompt
+            and request.request_id in self.pruned_req_ids
+            and num_new_tokens < request.num_tokens
+        ):
+            return 0  # not this step: wait until the whole prompt fits
+        return num_new_tokens
+
+    def _free_request(self, request: Request, *args: Any, **kwargs: Any) -> Any:
+        self.pruned_req_ids.discard(request.request_id)
+        return super()._free_request(request, *args, **kwargs)

@@ -148,6 +148,20 @@ def test_batch_equals_each_request_alone(backend):
 
 
 @pytest.mark.parametrize("backend", RUNNABLE)
+def test_per_request_p_equals_each_request_alone_with_its_p(backend):
+    lens, ps = [800, 1, 1200, 900], [0.9, 0.5, 1.0, 0.5]
+    q, k, cu = make_batch(lens, seed=5)
+    batch = select_tokens(q, k, cu, p=torch.tensor(ps), **RULE, backend=backend)
+    bounds = cu.tolist()
+    for p, start, end in zip(ps, bounds[:-1], bounds[1:], strict=True):
+        one = torch.tensor([0, end - start], dtype=torch.int32)
+        alone = select_tokens(q[start:end], k[start:end], one, p=p, **RULE, backend=backend)
+        assert torch.equal(alone.keep, batch.keep[start:end])
+    assert batch.keep[bounds[2] : bounds[3]].all()  # p = 1.0: that request is kept whole
+    assert not batch.keep.all()
+
+
+@pytest.mark.parametrize("backend", RUNNABLE)
 def test_p_one_keeps_everything(backend):
     q, k, cu = make_batch([2000, 1, 500])
     sel = select_tokens(q, k, cu, p=1.0, **RULE, backend=backend)
@@ -206,6 +220,9 @@ def test_ties_go_to_the_earlier_block(backend):
         (dict(q=torch.randint(0, 3, (10, 4, 8))), "floating point"),
         (dict(p=0.0), r"p must be in \(0, 1\]"),
         (dict(p=1.2), r"p must be in \(0, 1\]"),
+        (dict(p=torch.tensor([0.5, 0.0])), r"every p must be in \(0, 1\]"),
+        (dict(p=torch.tensor([0.5])), r"per-request p must be float32 \[B\] = \[2\]"),
+        (dict(p=torch.tensor([0.5, 0.5], dtype=torch.float64)), "per-request p must be float32"),
         (dict(block_size=12), "power of two"),
         (dict(backend="cuda-magic"), "unknown backend 'cuda-magic'"),
     ],

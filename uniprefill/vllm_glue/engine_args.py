@@ -15,6 +15,7 @@ from typing import Any
 from uniprefill.config import CONFIG_KEY, UniPrefillConfig
 from uniprefill.families import family_of, layer_types
 from uniprefill.vllm_glue.log import get_logger
+from uniprefill.vllm_glue.patches import apply_patches
 
 logger = get_logger(__name__)
 
@@ -77,6 +78,42 @@ def _claim(engine_args: Any, field: str, ours: str, unset: object) -> None:
     setattr(engine_args, field, ours)
 
 
+def _check_parallelism_and_runner(vllm_config: Any) -> None:
+    parallel = vllm_config.parallel_config
+    unsupported = {
+        "tensor_parallel_size > 1": parallel.tensor_parallel_size > 1,
+        "pipeline_parallel_size > 1": parallel.pipeline_parallel_size > 1,
+        "speculative decoding": vllm_config.speculative_config is not None,
+        "the V2 model runner (VLLM_USE_V2_MODEL_RUNNER=1)": vllm_config.use_v2_model_runner,
+    }
+    found = [name for name, present in unsupported.items() if present]
+    if found:
+        raise ValueError(
+            f"UniPrefill does not support {', '.join(found)} yet; run without it "
+            '(or disable UniPrefill: --additional-config \'{"uniprefill": {"enabled": false}}\')'
+        )
+
+
+def _check_no_chunking(vllm_config: Any) -> None:
+    """A pruned prompt must be prefilled in one step (its last queries score all of it)."""
+    scheduler = vllm_config.scheduler_config
+    max_len = vllm_config.model_config.max_model_len
+    threshold = scheduler.long_prefill_token_threshold
+    if 0 < threshold < max_len:
+        raise ValueError(
+            f"UniPrefill prefills a pruned prompt in one step, but long_prefill_token_threshold="
+            f"{threshold} would split prompts longer than that (max_model_len={max_len}); "
+            "unset it or lower --max-model-len"
+        )
+    if scheduler.max_num_batched_tokens < max_len:
+        raise ValueError(
+            f"UniPrefill prefills a pruned prompt in one step, so --max-num-batched-tokens "
+            f"({scheduler.max_num_batched_tokens}) must be at least --max-model-len ({max_len}); "
+            "raise it, lower --max-model-len, or leave --max-num-batched-tokens unset "
+            "(UniPrefill then raises it to max_model_len)"
+        )
+
+
 def wrap_create_engine_config(original: Callable[..., Any]) -> Callable[..., Any]:
     def create_engine_config(self: Any, *args: Any, **kwargs: Any) -> Any:
         raw = (self.additional_config or {}).get(CONFIG_KEY)
@@ -87,7 +124,24 @@ def wrap_create_engine_config(original: Callable[..., Any]) -> Callable[..., Any
             return original(self, *args, **kwargs)
         _claim(self, "scheduler_cls", SCHEDULER_CLS, unset=None)
         _claim(self, "worker_extension_cls", WORKER_EXTENSION_CLS, unset="")
+        # Compaction changes tensor shapes between layers, data-dependently: no traced graph.
+        self.enforce_eager = True
+        batched_tokens_set_by_user = self.max_num_batched_tokens is not None
         vllm_config = original(self, *args, **kwargs)
+        max_len = vllm_config.model_config.max_model_len
+        if not batched_tokens_set_by_user and (
+            vllm_config.scheduler_config.max_num_batched_tokens < max_len
+        ):
+            logger.info(
+                "UniPrefill: max_num_batched_tokens %d -> %d (max_model_len), so a pruned prompt "
+                "is prefilled in one step",
+                vllm_config.scheduler_config.max_num_batched_tokens,
+                max_len,
+            )
+            self.max_num_batched_tokens = max_len
+            vllm_config = original(self, *args, **kwargs)
+        _check_parallelism_and_runner(vllm_config)
+        _check_no_chunking(vllm_config)
 
         model_config = vllm_config.model_config
         family = family_of(model_config.architectures)
@@ -97,8 +151,9 @@ def wrap_create_engine_config(original: Callable[..., Any]) -> Callable[..., Any
             **vllm_config.additional_config,
             CONFIG_KEY: resolved.to_dict(),
         }
+        apply_patches("frontend")
         logger.info(
-            "UniPrefill active (pid %d) for %s [%s]: %s",
+            "UniPrefill active (pid %d) for %s [%s], eager mode, settings: %s",
             os.getpid(),
             model_config.model,
             family,

@@ -1,7 +1,8 @@
 """Worker extension (vLLM mixes it into the worker class): UniPrefill's view from a worker.
 
 Selected through `worker_extension_cls` when UniPrefill is enabled; callable from the front end
-with `llm.collective_rpc("uniprefill_status")`.
+with `llm.collective_rpc("uniprefill_status")`. vLLM imports this module in each worker process
+of such an engine, before the model runner exists: that is where the worker-side patches go in.
 """
 
 from __future__ import annotations
@@ -10,7 +11,10 @@ import os
 from typing import Any
 
 from uniprefill.config import CONFIG_KEY
-from uniprefill.vllm_glue.patches import applied_patches
+from uniprefill.vllm_glue.patches import applied_patches, apply_patches
+from uniprefill.vllm_glue.pruning import pruner_of
+
+apply_patches("worker")
 
 
 class UniPrefillWorkerExtension:
@@ -26,3 +30,11 @@ class UniPrefillWorkerExtension:
             "patches": applied_patches(),
             "config": self.vllm_config.additional_config.get(CONFIG_KEY),
         }
+
+    def uniprefill_requests(self) -> dict[str, Any]:
+        """Pruned requests still holding per-stage KV offsets, and the keep counts (prompt, then
+        after each drop layer) of the most recent pruned prefills, oldest first."""
+        pruner = pruner_of(self.model_runner)
+        if pruner is None:
+            return {"live": {}, "recent": []}
+        return {"live": dict(pruner.offsets), "recent": list(pruner.recent)}

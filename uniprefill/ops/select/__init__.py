@@ -60,12 +60,30 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, cu_seqlens: torch.Tensor) ->
         )
 
 
+def _check_p(p: float | torch.Tensor, cu_seqlens: torch.Tensor) -> float:
+    """The largest p after checking a per-request tensor's shape, dtype and range."""
+    if not isinstance(p, torch.Tensor):
+        return p
+    if (
+        p.shape != (cu_seqlens.numel() - 1,)
+        or p.dtype != torch.float32
+        or p.device != cu_seqlens.device
+    ):
+        raise ValueError(
+            f"per-request p must be float32 [B] = [{cu_seqlens.numel() - 1}]; "
+            f"on the inputs' device; got {p.dtype} {tuple(p.shape)} on {p.device}"
+        )
+    if p.numel() and not bool(((p > 0) & (p <= 1)).all()):
+        raise ValueError(f"every p must be in (0, 1]; got {p.tolist()}")
+    return 1.0
+
+
 def select_tokens(
     q: torch.Tensor,
     k: torch.Tensor,
     cu_seqlens: torch.Tensor,
     *,
-    p: float,
+    p: float | torch.Tensor,
     block_size: int,
     sink: int,
     last_q: int,
@@ -79,6 +97,7 @@ def select_tokens(
     q: [T, Hq, d] rotated queries; k: [T, Hk, d] rotated keys (Hq a multiple of Hk); any float
     dtype. cu_seqlens: [B + 1] integer offsets of each request's tokens. Requests of length
     <= sink + last_q or < min_prompt_len (decode rows among them) are kept whole; p = 1 keeps all.
+    p: one value for every request, or a [B] float32 tensor (per-request p; 1.0 = keep whole).
     reduce_block_scores: called once with the float32 [B, max_blocks] block scores of this
     rank's heads; must return their sum over the tensor-parallel group (e.g. an all-reduce), so
     every rank keeps the same tokens.
@@ -86,7 +105,7 @@ def select_tokens(
     only over blocks not wholly inside the sink or the last queries).
     """
     UniPrefillConfig(
-        p=p,
+        p=_check_p(p, cu_seqlens),
         block_size=block_size,
         sink=sink,
         last_q=last_q,

@@ -26,9 +26,18 @@ class Selection:
 
 
 def prunable_mask(
-    lens: torch.Tensor, *, p: float, sink: int, last_q: int, min_prompt_len: int
-) -> torch.Tensor:
-    """[B] bool: a request is pruned only if something can go (decode rows never can)."""
+    lens: torch.Tensor | int,
+    *,
+    p: float | torch.Tensor,
+    sink: int,
+    last_q: int,
+    min_prompt_len: int,
+) -> torch.Tensor | bool:
+    """[B] bool: a request is pruned only if something can go (decode rows never can).
+
+    p: one value for all requests, or [B] float32 per request. Plain ints and floats in give a
+    plain bool (how the engine core decides before any tensor exists).
+    """
     return (lens > sink + last_q) & (lens >= min_prompt_len) & (p < 1.0)
 
 
@@ -58,7 +67,7 @@ def keep_from_block_scores(
     cu_seqlens: torch.Tensor,
     prunable: torch.Tensor,
     *,
-    p: float,
+    p: float | torch.Tensor,
     block_size: int,
     sink: int,
     last_q: int,
@@ -67,6 +76,7 @@ def keep_from_block_scores(
     """Top-p over each request's blocks, then forced tokens. Returns keep: [T] bool.
 
     block_scores: [B, max_blocks] float32, zero past each request's last block.
+    p: one value, or [B] float32 per request.
     """
     cu = cu_seqlens.long()
     lens = cu.diff()
@@ -80,6 +90,7 @@ def keep_from_block_scores(
     # Stable descending sort: equal scores keep block order, so ties go to the earlier block.
     sorted_mass, order = torch.sort(mass, dim=1, descending=True, stable=True)
     before = torch.cumsum(sorted_mass, dim=1) - sorted_mass
+    p = p[:, None] if isinstance(p, torch.Tensor) else p
     block_keep = torch.zeros_like(real_block).scatter_(1, order, before <= p) & real_block
 
     tokens = torch.arange(int(cu[-1]), device=cu.device)

@@ -55,7 +55,7 @@ def select_tokens_reference(
     k: torch.Tensor,
     cu_seqlens: torch.Tensor,
     *,
-    p: float,
+    p: float | torch.Tensor,
     block_size: int,
     sink: int,
     last_q: int,
@@ -63,6 +63,7 @@ def select_tokens_reference(
     reduce_block_scores: Callable[[torch.Tensor], torch.Tensor] | None = None,
     normalize_over: str = "all_blocks",
 ) -> Selection:
+    """p: one value, or [B] float32 per request."""
     bounds = cu_seqlens.tolist()
     spans = list(zip(bounds[:-1], bounds[1:], strict=True))
     max_blocks = max((math.ceil((e - s) / block_size) for s, e in spans), default=0)
@@ -90,7 +91,7 @@ def select_tokens_reference(
             for b in range(len(scores)):
                 if (b + 1) * block_size <= sink or b * block_size >= n - last_q:
                     scores[b] = 0.0
-        kept_blocks = top_p_blocks_reference(scores, p)
+        kept_blocks = top_p_blocks_reference(scores, float(p[r]) if torch.is_tensor(p) else p)
         request_keep = kept_blocks.repeat_interleave(block_size)[:n]
         request_keep[:sink] = True
         request_keep[n - last_q :] = True
