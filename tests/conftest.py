@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import psutil
 import pytest
 
 # Engines started by tests (in this process or in children) reserve this much KV cache (GiB).
@@ -33,7 +32,9 @@ def prepared():
 def no_engine_left_behind():
     """An engine process that outlives its test holds GBs of memory: kill it, and fail loudly."""
     yield
-    leftovers = psutil.Process().children(recursive=True)
+    from tests.e2e.procs import engine_children
+
+    leftovers = engine_children()
     for child in leftovers:
         child.kill()
     assert not leftovers, f"tests left processes behind: {[c.pid for c in leftovers]}"

@@ -10,6 +10,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import psutil
+
 from uniprefill import serve
 
 # vLLM prefixes every line a child process logs with "(EngineCore pid=N)", "(VllmWorker-0 pid=N)".
@@ -24,6 +26,35 @@ def lines_from(log: str, process_prefix: str, needle: str) -> list[tuple[str, in
         if match and match["proc"].startswith(process_prefix) and needle in line:
             found.append((match["proc"], int(match["pid"])))
     return found
+
+
+def engine_children() -> list[psutil.Process]:
+    """This process's descendants, less multiprocessing's resource tracker (it lives as long as
+    this process, by design)."""
+
+    def is_tracker(proc: psutil.Process) -> bool:
+        try:
+            return "multiprocessing.resource_tracker" in " ".join(proc.cmdline())
+        except psutil.Error:  # a zombie has no command line
+            return False
+
+    return [p for p in psutil.Process().children(recursive=True) if not is_tracker(p)]
+
+
+@contextmanager
+def offline_llm(**kwargs) -> Iterator:
+    """An in-process `vllm.LLM`; on exit its engine is shut down and its processes have exited."""
+    from vllm import LLM
+
+    before = {p.pid for p in engine_children()}
+    llm = LLM(**kwargs)
+    mine = [p for p in engine_children() if p.pid not in before]
+    try:
+        yield llm
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+        _, alive = psutil.wait_procs(mine, timeout=60)
+        assert not alive, f"engine processes still running after shutdown: {alive}"
 
 
 def free_port() -> int:

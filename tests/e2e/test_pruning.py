@@ -1,0 +1,147 @@
+"""Pruned prefill inside real vLLM engines (CPU backend, tiny full-attention models).
+
+Against the PyTorch reference path (same model, same prompts: same keep counts per stage, same
+greedy tokens), against baseline vLLM (pruning off), and inside continuous batching (a pruned
+prefill in the same step as other requests' decodes gives each request its solo tokens).
+"""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+from vllm import LLM, SamplingParams
+
+from tests.e2e.procs import offline_llm
+from uniprefill.config import UniPrefillConfig
+from uniprefill.families import layer_types
+from uniprefill.reference import generate
+
+# Small blocks and sinks so prompts of a few hundred tokens are pruned on the tiny models.
+SETTINGS = {"p": 0.9, "min_prompt_len": 256, "sink": 64, "last_q": 32, "block_size": 16}
+LENGTHS = (1500, 40, 900, 300)  # 40 is below min_prompt_len: never pruned
+MAX_TOKENS = 8
+FAMILIES = ("tiny-llama", "tiny-qwen2")
+
+
+def prompts(lengths=LENGTHS, seed=0) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(10, 1000, (n,), generator=gen).tolist() for n in lengths]
+
+
+def greedy(**extra_args) -> SamplingParams:
+    return SamplingParams(
+        temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True, extra_args=extra_args or None
+    )
+
+
+def tokens_of(outputs) -> list[list[int]]:
+    return [list(out.outputs[0].token_ids) for out in outputs]
+
+
+def _llm(model_dir, **extra):
+    return offline_llm(model=str(model_dir), dtype="float32", max_model_len=4096, seed=0, **extra)
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family(request, prepared):
+    return request.param, prepared(request.param)
+
+
+@pytest.fixture(scope="module")
+def engine(family):
+    with _llm(family[1], additional_config={"uniprefill": SETTINGS}) as llm:
+        yield llm
+
+
+@pytest.fixture(scope="module")
+def baseline_tokens(family):
+    """Greedy tokens of stock vLLM (UniPrefill not enabled) on prompts()."""
+    with _llm(family[1], enforce_eager=True) as llm:
+        return tokens_of(llm.generate([{"prompt_token_ids": p} for p in prompts()], greedy()))
+
+
+def live_and_recent(llm: LLM) -> tuple[dict, dict]:
+    """The worker's pruned requests still holding state, and recent keep counts, by the ids the
+    caller gave (the engine appends a random suffix to each)."""
+    (state,) = llm.collective_rpc("uniprefill_requests")
+    return (
+        {k.rsplit("-", 1)[0]: v for k, v in state["live"].items()},
+        {k.rsplit("-", 1)[0]: v for k, v in state["recent"]},
+    )
+
+
+def test_pruned_requests_keep_what_the_reference_keeps_and_say_the_same(engine, family):
+    batch = prompts()
+    outputs = engine.generate([{"prompt_token_ids": p} for p in batch], greedy())
+    live, recent = live_and_recent(engine)
+    assert live == {}  # every request finished: nothing left behind
+
+    model = AutoModelForCausalLM.from_pretrained(family[1], dtype=torch.float32).eval()
+    config = UniPrefillConfig.from_dict(SETTINGS).resolve(layer_types(model.config))
+    pruned = 0
+    for prompt, output in zip(batch, outputs, strict=True):
+        ref = generate(model, torch.tensor(prompt), config=config, max_new_tokens=MAX_TOKENS)
+        assert list(output.outputs[0].token_ids) == ref.tokens, len(prompt)
+        if ref.kept_per_stage[-1] < len(prompt):
+            assert recent[output.request_id] == ref.kept_per_stage
+            pruned += 1
+        else:
+            assert output.request_id not in recent
+    assert pruned == 3  # all but the 40-token prompt
+
+
+@pytest.mark.parametrize(
+    "controls", [{"uniprefill_enabled": False}, {"uniprefill_p": 1.0}], ids=["off", "p1"]
+)
+def test_pruning_off_for_a_request_gives_baseline_tokens(engine, baseline_tokens, controls):
+    batch = [{"prompt_token_ids": p} for p in prompts()]
+    assert tokens_of(engine.generate(batch, greedy(**controls))) == baseline_tokens
+    assert tokens_of(engine.generate(batch, greedy())) != baseline_tokens  # pruning does act
+
+
+def test_pruned_prefill_alongside_decodes_gives_each_request_its_solo_tokens(engine):
+    batch = prompts((700, 30, 1200, 50, 600), seed=1)
+    solo = [tokens_of(engine.generate([{"prompt_token_ids": p}], greedy()))[0] for p in batch]
+
+    core = engine.llm_engine
+    for i in (1, 3):  # short requests start first and are decoding ...
+        core.add_request(f"short-{i}", {"prompt_token_ids": batch[i]}, greedy())
+    core.step()
+    core.step()
+    for i in (0, 2, 4):  # ... when the long, pruned prompts arrive
+        core.add_request(f"long-{i}", {"prompt_token_ids": batch[i]}, greedy())
+    done = {}
+    while core.has_unfinished_requests():
+        for out in core.step():
+            if out.finished:
+                done[out.request_id] = list(out.outputs[0].token_ids)
+    for i, tokens in enumerate(solo):
+        assert done[f"{'short' if i in (1, 3) else 'long'}-{i}"] == tokens, i
+    live, recent = live_and_recent(engine)
+    assert live == {} and {"long-0", "long-2", "long-4"} <= set(recent)
+
+
+def test_aborted_request_leaves_no_state_behind(engine):
+    core = engine.llm_engine
+    core.add_request("to-abort", {"prompt_token_ids": prompts((1000,), seed=2)[0]}, greedy())
+    core.step()  # the pruned prefill
+    live, _ = live_and_recent(engine)
+    assert list(live) == ["to-abort"] and len(live["to-abort"]) == 3  # offsets for 3 stages
+    core.abort_request(["to-abort"])
+    # An idle engine core runs no step; the worker hears of the abort with the next one.
+    engine.generate([{"prompt_token_ids": [5, 6, 7]}], greedy())
+    assert live_and_recent(engine)[0] == {}
+
+
+@pytest.mark.parametrize(
+    ("extra_args", "field"),
+    [
+        ({"uniprefill_p": 1.5}, "uniprefill_p"),
+        ({"uniprefill_p": "lots"}, "uniprefill_p"),
+        ({"uniprefill_enabled": "maybe"}, "uniprefill_enabled"),
+        ({"uniprefill_mode": "fast"}, "uniprefill_mode"),
+    ],
+)
+def test_bad_request_field_is_a_value_error_and_the_engine_carries_on(engine, extra_args, field):
+    with pytest.raises(ValueError, match=field):
+        engine.generate([{"prompt_token_ids": prompts((300,))[0]}], greedy(**extra_args))
+    assert len(tokens_of(engine.generate([{"prompt_token_ids": [5, 6, 7]}], greedy()))[0]) == 8
