@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import openai
 import psutil
 import pytest
@@ -30,9 +31,11 @@ PROSE = [
 ]
 
 
-def passkey_prompt() -> str:
-    paragraphs = [PROSE[i % len(PROSE)] for i in range(36)]
-    paragraphs.insert(17, f"Remember this: the passkey is {PASSKEY}. Keep it safe.")
+def passkey_prompt(paragraphs: int = 36) -> str:
+    paragraphs = [PROSE[(i * 5) % len(PROSE)] for i in range(paragraphs)]
+    paragraphs.insert(
+        len(paragraphs) // 3, f"Remember this: the passkey is {PASSKEY}. Keep it safe."
+    )
     return (
         "Read the text and answer the question at the end.\n\n"
         + "\n".join(paragraphs)
@@ -72,7 +75,8 @@ def main_job(tmp_path_factory):
         "--max-model-len",
         "8192",
     ]
-    with running_server(cmd, serve.serve_env(), log_path, port, timeout_s=900) as proc:
+    env = serve.serve_env() | {"VLLM_SERVER_DEV_MODE": "1"}  # /collective_rpc: keep counts
+    with running_server(cmd, env, log_path, port, timeout_s=900) as proc:
         yield port, log_path, proc
 
 
@@ -92,6 +96,33 @@ def test_served_default_model_answers_a_passkey_question(main_job):
     assert "--dtype float32" in log or "--dtype auto" in log
     assert "UniPrefill active" in log
     assert f"serving {QWEN} at http://127.0.0.1:{port}/v1" in log and "curl " in log
+
+
+def test_pruned_long_prompt_still_gets_the_passkey(main_job):
+    port, _, _ = main_job
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused")
+
+    def ask(**xargs):
+        return client.chat.completions.create(
+            model=QWEN,
+            messages=[{"role": "user", "content": passkey_prompt(paragraphs=110)}],
+            max_tokens=12,
+            temperature=0,
+            extra_body={"vllm_xargs": xargs} if xargs else None,
+        )
+
+    unpruned = ask(uniprefill_enabled=False)
+    pruned = ask()
+    assert pruned.usage.prompt_tokens > 1500  # above the default min_prompt_len (1024)
+    assert PASSKEY in unpruned.choices[0].message.content
+    assert PASSKEY in pruned.choices[0].message.content
+    rpc = httpx.post(
+        f"http://127.0.0.1:{port}/collective_rpc", json={"method": "uniprefill_requests"}
+    )
+    (worker,) = rpc.json()["results"]
+    assert worker["live"] == {}
+    (kept,) = [k for _, k in worker["recent"] if k[0] == pruned.usage.prompt_tokens]
+    assert len(kept) == 5 and kept[-1] < kept[0]  # 4 auto drop layers, tokens removed
 
 
 def test_sigterm_stops_the_launcher_and_every_vllm_process(main_job):

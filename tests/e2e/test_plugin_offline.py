@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.procs import lines_from, run_offline
+from uniprefill.vllm_glue.patches import PATCHES
 
 PROMPTS = ["The quick brown fox", "Once upon a time there was a", "1 2 3 4 5 6"]
 
@@ -43,7 +44,8 @@ def test_plugin_loads_in_engine_core_and_worker_processes(runs):
     main_pid = result["main_pid"]
     (worker,) = result["workers"]  # answered from inside the worker process
     assert worker["plugin_registered"] and worker["pid"] != main_pid
-    assert len(worker["patches"]) == 3
+    worker_scoped = {p.target for p in PATCHES if p.scope in ("plugin", "worker")}
+    assert set(worker["patches"]) == worker_scoped  # no front-end patch in a worker
     assert worker["config"]["drop_layers"] == [2, 4, 6]  # auto for 8 full-attention layers
 
     core = lines_from(log, "EngineCore", "UniPrefill scheduler active")

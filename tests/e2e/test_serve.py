@@ -49,6 +49,41 @@ def test_answers_through_the_openai_client(server):
     assert lines_from(log, "VllmWorker", "UniPrefill plugin loaded")
 
 
+def _complete(port: int, prompt, **xargs):
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused")
+    return client.completions.create(
+        model="tiny-llama",
+        prompt=prompt,
+        max_tokens=6,
+        temperature=0,
+        extra_body={"vllm_xargs": xargs} if xargs else None,
+    )
+
+
+@pytest.mark.parametrize(
+    ("xargs", "field"),
+    [
+        ({"uniprefill_p": 1.5}, "uniprefill_p"),
+        ({"uniprefill_p": "half"}, "uniprefill_p"),
+        ({"uniprefill_enabled": "sometimes"}, "uniprefill_enabled"),
+        ({"uniprefill_level": 3}, "uniprefill_level"),
+    ],
+)
+def test_bad_request_field_is_a_400_naming_it_and_the_server_carries_on(server, xargs, field):
+    _, port, _ = server
+    with pytest.raises(openai.BadRequestError, match=field):
+        _complete(port, "The quick brown fox", **xargs)
+    assert _complete(port, "The quick brown fox").usage.completion_tokens == 6
+
+
+def test_per_request_controls_reach_the_engine(server):
+    _, port, _ = server
+    prompt = [(7 * i) % 900 + 10 for i in range(1500)]  # token ids: long enough to prune
+    off = _complete(port, prompt, uniprefill_enabled=False).choices[0].text
+    assert _complete(port, prompt, uniprefill_p=1.0).choices[0].text == off
+    assert _complete(port, prompt, uniprefill_p=0.2).choices[0].text != off
+
+
 def test_shuts_down_cleanly(server):
     proc, _, log_path = server
     family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]

@@ -13,7 +13,14 @@ from uniprefill.vllm_glue import patches
 def registered():
     plugin.register()
     yield
+    patches.revert_patches()
     patches.apply_patches()  # leave the process as vLLM's plugin loader left it
+
+
+def _apply_all() -> int:
+    for scope in patches.SCOPES:
+        count = patches.apply_patches(scope)
+    return count
 
 
 def _raw_attributes():
@@ -27,10 +34,13 @@ def _raw_attributes():
 def test_every_target_exists_and_apply_is_idempotent_and_revertible():
     patches.revert_patches()
     originals = _raw_attributes()
-    assert patches.apply_patches() == len(patches.PATCHES)
+    plugin_scope = [p.target for p in patches.PATCHES if p.scope == "plugin"]
+    assert patches.apply_patches() == len(plugin_scope)  # the plugin applies its scope only
+    assert patches.applied_patches() == sorted(plugin_scope)
+    assert _apply_all() == len(patches.PATCHES)
     wrapped = _raw_attributes()
     assert all(wrapped[t] is not originals[t] for t in originals)
-    assert patches.apply_patches() == len(patches.PATCHES)
+    assert _apply_all() == len(patches.PATCHES)
     assert all(_raw_attributes()[t] is wrapped[t] for t in originals)  # no double wrapping
     assert isinstance(vars(EngineArgs)["add_cli_args"], staticmethod)
     assert isinstance(vars(EngineArgs)["from_cli_args"], classmethod)
@@ -38,6 +48,9 @@ def test_every_target_exists_and_apply_is_idempotent_and_revertible():
     assert patches.applied_patches() == []
     assert all(_raw_attributes()[t] is originals[t] for t in originals)
     assert all(p.why and p.written_for == "0.32.0" for p in patches.PATCHES)
+    assert {p.scope for p in patches.PATCHES} == set(patches.SCOPES)
+    with pytest.raises(ValueError, match="unknown patch scope 'gpu'"):
+        patches.apply_patches("gpu")
 
 
 def _serve_args(argv):

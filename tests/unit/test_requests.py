@@ -1,0 +1,68 @@
+"""Per-request controls: strict parsing for the API server, tolerant p for engine and workers."""
+
+from types import SimpleNamespace
+
+import pytest
+
+from uniprefill.config import UniPrefillConfig
+from uniprefill.requests import parse_request_controls, request_p, will_prune
+
+CONFIG = UniPrefillConfig(p=0.95, drop_layers=(2, 4), sink=16, last_q=16, min_prompt_len=100)
+
+
+@pytest.mark.parametrize(
+    ("extra_args", "p"),
+    [
+        (None, None),
+        ({"other_plugin": 1}, None),
+        ({"uniprefill_p": 0.5}, 0.5),
+        ({"uniprefill_p": "0.7"}, 0.7),
+        ({"uniprefill_p": 1}, 1.0),
+        ({"uniprefill_enabled": False}, 1.0),
+        ({"uniprefill_enabled": "false"}, 1.0),
+        ({"uniprefill_enabled": 0}, 1.0),
+        ({"uniprefill_enabled": True}, None),
+        ({"uniprefill_enabled": "true", "uniprefill_p": 0.8}, 0.8),
+        ({"uniprefill_enabled": False, "uniprefill_p": 0.8}, 1.0),  # off wins
+    ],
+)
+def test_valid_controls(extra_args, p):
+    assert parse_request_controls(extra_args) == p
+
+
+@pytest.mark.parametrize(
+    ("extra_args", "message"),
+    [
+        ({"uniprefill_p": 0}, r"uniprefill_p must be a number in \(0, 1\], got 0"),
+        ({"uniprefill_p": 1.01}, "uniprefill_p must be"),
+        ({"uniprefill_p": "x"}, "uniprefill_p must be"),
+        ({"uniprefill_p": True}, "uniprefill_p must be"),
+        ({"uniprefill_p": [0.5]}, "uniprefill_p must be"),
+        ({"uniprefill_enabled": "yes"}, "uniprefill_enabled must be true or false"),
+        ({"uniprefill_enabled": 0.0}, "uniprefill_enabled must be true or false"),
+        ({"uniprefill_P": 0.5}, r"unknown UniPrefill request field\(s\) \['uniprefill_P'\]"),
+    ],
+)
+def test_invalid_controls_name_the_field(extra_args, message):
+    with pytest.raises(ValueError, match=message):
+        parse_request_controls(extra_args)
+
+
+def params(extra_args=None, prompt_logprobs=None):
+    return SimpleNamespace(extra_args=extra_args, prompt_logprobs=prompt_logprobs)
+
+
+def test_request_p_defaults_overrides_and_never_fails():
+    assert request_p(CONFIG, params()) == 0.95
+    assert request_p(CONFIG, params({"uniprefill_p": 0.5})) == 0.5
+    assert request_p(CONFIG, params({"uniprefill_p": 7})) == 1.0  # invalid: not pruned
+    assert request_p(CONFIG, params(prompt_logprobs=1)) == 1.0  # needs every prompt row
+    assert request_p(UniPrefillConfig(enabled=False, drop_layers=(2,)), params()) == 1.0
+    assert request_p(UniPrefillConfig(drop_layers=()), params()) == 1.0
+
+
+def test_will_prune_follows_the_operators_length_rule():
+    assert will_prune(CONFIG, 0.9, 100)
+    assert not will_prune(CONFIG, 0.9, 99)  # below min_prompt_len
+    assert not will_prune(CONFIG, 1.0, 5000)
+    assert not will_prune(UniPrefillConfig(sink=64, last_q=64, min_prompt_len=0), 0.9, 128)
