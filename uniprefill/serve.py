@@ -57,8 +57,10 @@ def serve_command(
     port: int,
     dtype: str | None,
     extra_args: Sequence[str] = (),
+    uniprefill: bool = True,
 ) -> list[str]:
-    cmd = [vllm_executable(), "serve", model_path, "--plugin", "uniprefill"]
+    """`vllm serve` for a model, with UniPrefill enabled unless `uniprefill=False` (baselines)."""
+    cmd = [vllm_executable(), "serve", model_path, *(["--plugin", "uniprefill"] * uniprefill)]
     cmd += ["--host", host, "--port", str(port), "--dtype", dtype or default_dtype()]
     if served_name:
         cmd += ["--served-model-name", served_name]

@@ -9,7 +9,7 @@ FULL, SLIDING, LINEAR = "full_attention", "sliding_attention", "linear_attention
 
 def test_defaults_follow_the_paper_rule():
     config = UniPrefillConfig.from_dict({})
-    assert (config.p, config.block_size, config.sink, config.last_q) == (0.99, 64, 128, 128)
+    assert (config.p, config.block_size, config.sink, config.last_q) == (0.99, 64, 128, 16)
     assert config.enabled and config.drop_layers == "auto"
 
 
@@ -30,7 +30,7 @@ def test_defaults_follow_the_paper_rule():
         ({"drop_layers": [5, 3]}, "strictly increasing"),
         ({"enabled": "yes"}, "enabled must be true or false"),
         ({"normalize_over": "some"}, r"normalize_over must be one of \['all_blocks'"),
-        ({"top_p": 0.9}, r"unknown uniprefill setting\(s\) \['top_p'\]; valid settings: enabled"),
+        ({"top_p": 0.9}, r"unknown uniprefill setting\(s\) \['top_p'\]; valid settings: preset, enabled"),
     ],
     ids=lambda x: str(x) if isinstance(x, dict) else None,
 )
@@ -74,3 +74,14 @@ def test_resolve_rejects_non_full_attention_layers():
 def test_auto_drop_layers_pick_full_attention_after_the_first_quarter(kinds, expected):
     assert auto_drop_layers(kinds) == expected
     assert UniPrefillConfig().resolve(kinds).drop_layers == expected
+
+
+def test_paper_preset_is_the_papers_rule_and_explicit_keys_win():
+    paper = UniPrefillConfig.from_dict({"preset": "paper"})
+    assert (paper.p, paper.block_size, paper.sink, paper.last_q) == (0.99, 64, 128, 128)
+    assert paper.normalize_over == "all_blocks"
+    assert UniPrefillConfig.from_dict({"preset": "paper", "p": 0.95}).p == 0.95
+    with pytest.raises(
+        ValueError, match="unknown uniprefill preset 'fast'; presets: \\['paper'\\]"
+    ):
+        UniPrefillConfig.from_dict({"preset": "fast"})

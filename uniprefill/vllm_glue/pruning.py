@@ -52,6 +52,7 @@ class _Step:
     base_lens: torch.Tensor  # [R] int64: rows each request brought into the step
     query_start_loc: torch.Tensor  # [R + 1] int32, host: the current rows' offsets
     positions: torch.Tensor  # [rows] original positions of the current rows
+    scores: bool  # some fresh prompt asks to be pruned: run the selection at drop layers
     rows: torch.Tensor | None = None  # [rows] index into the step's rows; None: all, in order
     captured: tuple[torch.Tensor, torch.Tensor] | None = None  # drop layer's (q, k)
     offsets: list[torch.Tensor] = field(default_factory=list)  # per stage, [R] int64
@@ -117,6 +118,11 @@ class Pruner:
         step = self.step
         q, k = step.captured
         step.captured = None
+        if not step.scores:  # only earlier-pruned requests here (decodes): switch the KV layout
+            offsets = step.stored[stage + 1]
+            step.offsets.append(offsets)
+            self._set_stage_metadata(stage + 1, offsets)
+            return output
         rows = step.positions.numel()
         device = step.positions.device
         selection = select_tokens(
@@ -236,7 +242,8 @@ class Pruner:
             ):
                 fresh[i] = True
                 p[i] = request_p(self.config, state.sampling_params)
-        if not stored.any() and not bool((fresh & (p < 1.0)).any()):
+        scores = bool((fresh & (p < 1.0)).any())
+        if not stored.any() and not scores:
             return None
         device = positions.device
         return _Step(
@@ -247,6 +254,7 @@ class Pruner:
             base_lens=lens.to(device),
             query_start_loc=query_start_loc,
             positions=positions[: int(query_start_loc[-1])],
+            scores=scores,
             offsets=[stored[0].to(device)],
         )
 
