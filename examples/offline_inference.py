@@ -1,8 +1,13 @@
 """Offline batch with UniPrefill on the embedded Qwen2.5-Coder-0.5B-Instruct (CPU or GPU).
 
 python examples/offline_inference.py
+
+A long prompt (a whole Python module plus a question) is pruned; short ones are not (below
+min_prompt_len). The same long prompt is also asked with pruning turned off for that request.
 """
 
+import inspect
+import json.decoder
 import os
 
 from vllm import LLM, SamplingParams
@@ -15,16 +20,29 @@ if __name__ == "__main__":  # vLLM starts processes
         model=str(models.prepare("qwen2.5-coder-0.5b-instruct")),
         dtype=serve.default_dtype(),  # float32 on CPUs without native bf16
         max_model_len=8192,
-        additional_config={"uniprefill": {"p": 0.99}},
+        additional_config={"uniprefill": {}},  # the defaults; e.g. {"p": 0.99, "last_q": 16}
     )
     try:
+        source = inspect.getsource(json.decoder)
+        long_question = (
+            f"```python\n{source}\n```\nWhich exception does `JSONDecoder.decode` raise "
+        )
+        long_question += "when there is extra data after the document? Answer in one sentence."
         conversations = [
-            [{"role": "user", "content": "Write a Python function that checks for palindromes."}],
+            [{"role": "user", "content": long_question}],
             [{"role": "user", "content": "What does `git rebase -i` do? One sentence."}],
         ]
-        params = SamplingParams(temperature=0, max_tokens=96)
+        params = SamplingParams(temperature=0, max_tokens=64)
         for output in llm.chat(conversations, params):
-            print("-" * 60)
-            print(output.outputs[0].text)
+            print(f"--- {len(output.prompt_token_ids)} prompt tokens\n{output.outputs[0].text}")
+        (worker,) = llm.collective_rpc("uniprefill_requests")
+        for request_id, kept in worker["recent"]:
+            print(f"pruned {request_id}: tokens entering each stage {kept}")
+
+        unpruned = SamplingParams(
+            temperature=0, max_tokens=64, extra_args={"uniprefill_enabled": False}
+        )
+        (output,) = llm.chat([conversations[0]], unpruned)
+        print(f"--- same long prompt, pruning off for this request\n{output.outputs[0].text}")
     finally:
         llm.llm_engine.engine_core.shutdown()  # on CPU a worker process otherwise outlives us

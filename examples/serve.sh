@@ -8,4 +8,4 @@ PORT=${2:-8000}
 export VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-4}
 exec vllm serve "$MODEL" --plugin uniprefill --port "$PORT" --dtype float32 \
   --served-model-name qwen2.5-coder-0.5b-instruct \
-  --additional-config '{"uniprefill": {"p": 0.99}}'
+  --additional-config '{"uniprefill": {"p": 0.99, "last_q": 16}}'
