@@ -279,7 +279,7 @@ def main() -> None:
     parser.add_argument("--plot", help="write a PNG plot here")
     args = parser.parse_args()
 
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(args.kv_cache_gib))
+    os.environ.update(serve.serve_env(args.kv_cache_gib))  # offline engines read the same
     path = str(models.prepare(args.model))
     from transformers import AutoConfig, AutoTokenizer
 

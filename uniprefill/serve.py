@@ -67,9 +67,17 @@ def serve_command(
     return cmd + list(extra_args)
 
 
+# vLLM gives up on a model step after 300 s by default and kills the engine; a whole 8K-token
+# prompt step took longer than that on a busy 2-core CPU here (UniPrefill prefills a pruned
+# prompt in one step).
+STEP_TIMEOUT_S = 3600
+
+
 def serve_env(kv_cache_gib: int | None = None) -> dict[str, str]:
-    """The server's environment: a CPU KV-cache size that starts here, unless the user set one."""
+    """The server's environment: a CPU KV-cache size that starts here and a model-step timeout
+    that fits CPU prefill, unless the user set them."""
     env = dict(os.environ)
+    env.setdefault("VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS", str(STEP_TIMEOUT_S))
     if kv_cache_gib is not None:
         env["VLLM_CPU_KVCACHE_SPACE"] = str(kv_cache_gib)
     else:

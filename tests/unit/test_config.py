@@ -30,7 +30,10 @@ def test_defaults_follow_the_paper_rule():
         ({"drop_layers": [5, 3]}, "strictly increasing"),
         ({"enabled": "yes"}, "enabled must be true or false"),
         ({"normalize_over": "some"}, r"normalize_over must be one of \['all_blocks'"),
-        ({"top_p": 0.9}, r"unknown uniprefill setting\(s\) \['top_p'\]; valid settings: preset, enabled"),
+        (
+            {"top_p": 0.9},
+            r"unknown uniprefill setting\(s\) \['top_p'\]; valid settings: preset, enabled",
+        ),
     ],
     ids=lambda x: str(x) if isinstance(x, dict) else None,
 )

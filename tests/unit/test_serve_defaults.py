@@ -26,3 +26,14 @@ def test_user_choices_win(monkeypatch):
     assert serve.serve_env(kv_cache_gib=2)["VLLM_CPU_KVCACHE_SPACE"] == "2"
     monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE")
     assert serve.serve_env()["VLLM_CPU_KVCACHE_SPACE"] == str(serve.DEFAULT_KV_CACHE_GIB)
+    monkeypatch.delenv("VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS", raising=False)
+    assert serve.serve_env()["VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS"] == "3600"
+    monkeypatch.setenv("VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS", "60")
+    assert serve.serve_env()["VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS"] == "60"
+
+
+def test_baseline_command_leaves_the_plugin_out():
+    cmd = serve.serve_command(
+        "/m", served_name=None, host="h", port=9, dtype=None, uniprefill=False
+    )
+    assert "--plugin" not in cmd and cmd[1:3] == ["serve", "/m"]
