@@ -145,3 +145,31 @@ def test_bad_request_field_is_a_value_error_and_the_engine_carries_on(engine, ex
     with pytest.raises(ValueError, match=field):
         engine.generate([{"prompt_token_ids": prompts((300,))[0]}], greedy(**extra_args))
     assert len(tokens_of(engine.generate([{"prompt_token_ids": [5, 6, 7]}], greedy()))[0]) == 8
+
+
+def test_preempted_request_is_recomputed_unpruned_and_leaves_no_state(prepared):
+    """Two pruned requests outgrow a 44-block KV cache while decoding: vLLM preempts the second
+    and recomputes prompt + outputs. Policy: a request with outputs is recomputed unpruned
+    (docs/design/vllm-integration.md, section 10), so it is not pruned a second time, the first
+    request is untouched, and no per-request state is left."""
+    batch = prompts((600, 600), seed=3)
+    params = SamplingParams(temperature=0, max_tokens=300, ignore_eos=True)
+    engine_args = dict(max_num_batched_tokens=1024, block_size=32, num_gpu_blocks_override=44)
+    with offline_llm(
+        model=str(prepared("tiny-llama")),
+        dtype="float32",
+        max_model_len=1024,
+        additional_config={"uniprefill": SETTINGS},
+        **engine_args,
+    ) as llm:
+        solo = [tokens_of(llm.generate([{"prompt_token_ids": p}], params))[0] for p in batch]
+        outputs = llm.generate([{"prompt_token_ids": p} for p in batch], params)
+        live, recent = live_and_recent(llm)
+    together = tokens_of(outputs)
+    assert together[0] == solo[0]
+    assert len(together[1]) == 300
+    diverge = next(i for i, (a, b) in enumerate(zip(together[1], solo[1], strict=True)) if a != b)
+    assert diverge > 0  # identical until the preemption, then decoded over the full KV
+    assert live == {}
+    assert {out.request_id for out in outputs} <= set(recent)
+    assert len(recent) == 4  # 2 solo + 2 batched prefills: the recompute was not pruned
