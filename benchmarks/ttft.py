@@ -273,7 +273,7 @@ def main() -> None:
     parser.add_argument("--output-len", type=int, default=32)
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--uniprefill", default="{}", help="UniPrefill settings, JSON")
-    parser.add_argument("--kv-cache-gib", type=int, default=8)
+    parser.add_argument("--kv-cache-gib", type=int, default=2, help="per engine")
     parser.add_argument("--server-logs", default="benchmarks/results/ttft-servers")
     parser.add_argument("--json", help="write the rows here")
     parser.add_argument("--plot", help="write a PNG plot here")

@@ -12,12 +12,13 @@ from uniprefill import plugin
 plugin.register()  # as vLLM's plugin loader does in every process
 
 
-def _engine_config(model_dir, settings):
+def _engine_config(model_dir, settings, **engine_args):
+    engine_args = {"max_model_len": 4096} | engine_args
     args = EngineArgs(
         model=str(model_dir),
         dtype="float32",
-        max_model_len=4096,
         additional_config={"uniprefill": settings},
+        **engine_args,
     )
     return args.create_engine_config()
 
@@ -79,3 +80,19 @@ def test_user_scheduler_class_conflict_is_explained(prepared):
 def test_llm_constructor_raises_before_starting_an_engine(prepared):
     with pytest.raises(ValueError, match="unknown uniprefill setting"):
         LLM(model=str(prepared("tiny-llama")), additional_config={"uniprefill": {"q": 1}})
+
+
+def test_a_pruned_prompt_fits_one_step_and_runs_eager(prepared):
+    vllm_config = _engine_config(prepared("tiny-llama"), {}, max_model_len=8192)
+    assert vllm_config.scheduler_config.max_num_batched_tokens >= 8192  # raised when unset
+    assert vllm_config.model_config.enforce_eager
+
+
+def test_explicit_step_budget_below_max_model_len_is_refused_with_what_to_change(prepared):
+    with pytest.raises(ValueError, match=r"--max-num-batched-tokens \(2048\) must be at least"):
+        _engine_config(prepared("tiny-llama"), {}, max_num_batched_tokens=2048)
+
+
+def test_long_prefill_threshold_that_would_split_prompts_is_refused(prepared):
+    with pytest.raises(ValueError, match="long_prefill_token_threshold=1024 would split"):
+        _engine_config(prepared("tiny-llama"), {}, long_prefill_token_threshold=1024)
