@@ -23,21 +23,33 @@ KEYS = (ENABLED_KEY, P_KEY)
 _TRUE, _FALSE = (True, 1, "true", "1"), (False, 0, "false", "0")
 
 
+class RequestFieldError(ValueError):
+    """A bad UniPrefill request field; `field` names it."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
 def parse_request_controls(extra_args: Mapping[str, Any] | None) -> float | None:
     """The p a request asks for (1.0 turns pruning off), or None for the server's setting.
 
-    Raises ValueError naming the offending field.
+    Raises RequestFieldError (a ValueError) naming the offending field.
     """
     args = extra_args or {}
     unknown = sorted(k for k in args if k.startswith("uniprefill") and k not in KEYS)
     if unknown:
-        raise ValueError(f"unknown UniPrefill request field(s) {unknown}; valid: {', '.join(KEYS)}")
+        raise RequestFieldError(
+            unknown[0], f"unknown UniPrefill request field(s) {unknown}; valid: {', '.join(KEYS)}"
+        )
     p = None
     if ENABLED_KEY in args:
         value = args[ENABLED_KEY]
         norm = value.lower() if isinstance(value, str) else value
         if norm not in _TRUE + _FALSE or isinstance(value, float):
-            raise ValueError(f"{ENABLED_KEY} must be true or false, got {value!r}")
+            raise RequestFieldError(
+                ENABLED_KEY, f"{ENABLED_KEY} must be true or false, got {value!r}"
+            )
         if norm in _FALSE:
             p = 1.0
     if P_KEY in args:
@@ -47,7 +59,7 @@ def parse_request_controls(extra_args: Mapping[str, Any] | None) -> float | None
         except (TypeError, ValueError):
             number = None
         if number is None or not 0.0 < number <= 1.0:
-            raise ValueError(f"{P_KEY} must be a number in (0, 1], got {value!r}")
+            raise RequestFieldError(P_KEY, f"{P_KEY} must be a number in (0, 1], got {value!r}")
         if p is None:  # an explicit "off" wins over a p
             p = number
     return p

@@ -44,8 +44,9 @@ def test_valid_controls(extra_args, p):
     ],
 )
 def test_invalid_controls_name_the_field(extra_args, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError, match=message) as error:
         parse_request_controls(extra_args)
+    assert error.value.field in extra_args  # what the 400 names as the parameter
 
 
 def params(extra_args=None, prompt_logprobs=None):

@@ -48,14 +48,14 @@ class _Step:
     req_ids: list[str]
     fresh: torch.Tensor  # [R] bool: a whole fresh prompt, scored at the drop layers
     p: torch.Tensor  # [R] float32: top-p per request (1.0: kept whole)
-    stored: torch.Tensor  # [S + 1, R] int64: offsets of requests pruned in an earlier step
-    base_lens: torch.Tensor  # [R] int64: rows each request brought into the step
+    stored: torch.Tensor  # [S + 1, R] int64, host: offsets of requests pruned in earlier steps
+    base_lens: torch.Tensor  # [R] int64, host: rows each request brought into the step
     query_start_loc: torch.Tensor  # [R + 1] int32, host: the current rows' offsets
     positions: torch.Tensor  # [rows] original positions of the current rows
     scores: bool  # some fresh prompt asks to be pruned: run the selection at drop layers
     rows: torch.Tensor | None = None  # [rows] index into the step's rows; None: all, in order
     captured: tuple[torch.Tensor, torch.Tensor] | None = None  # drop layer's (q, k)
-    offsets: list[torch.Tensor] = field(default_factory=list)  # per stage, [R] int64
+    offsets: list[torch.Tensor] = field(default_factory=list)  # per stage, [R] int64, host
 
 
 class Pruner:
@@ -69,6 +69,13 @@ class Pruner:
         self.recent: deque[tuple[str, list[int]]] = deque(maxlen=RECENT_PRUNES)
         self.step: _Step | None = None
         self.layers = _decoder_layers(runner.model, runner.model_config)
+        # Per KV-cache group, the layer names of each stage (a drop layer ends its stage).
+        self.stage_layers: list[list[set[str]]] = []
+        for group in runner.kv_cache_config.kv_cache_groups:
+            by_stage: list[set[str]] = [set() for _ in range(len(self.drops) + 1)]
+            for name in group.layer_names:
+                by_stage[sum(d < extract_layer_index(name) for d in self.drops)].add(name)
+            self.stage_layers.append(by_stage)
         self._install()
         logger.info("UniPrefill pruning installed on %d layers; drop layers %s", len(self.layers),
                     list(self.drops))  # fmt: skip
@@ -118,44 +125,38 @@ class Pruner:
         step = self.step
         q, k = step.captured
         step.captured = None
-        if not step.scores:  # only earlier-pruned requests here (decodes): switch the KV layout
-            offsets = step.stored[stage + 1]
-            step.offsets.append(offsets)
-            self._set_stage_metadata(stage + 1, offsets)
-            return output
         rows = step.positions.numel()
-        device = step.positions.device
-        selection = select_tokens(
-            q[:rows].view(rows, attention.num_heads, attention.head_size),
-            k[:rows].view(rows, attention.num_kv_heads, attention.head_size),
-            step.query_start_loc.to(device),
-            p=step.p,
-            block_size=self.config.block_size,
-            sink=self.config.sink,
-            last_q=self.config.last_q,
-            min_prompt_len=self.config.min_prompt_len,
-            normalize_over=self.config.normalize_over,
-        )
-        kept = selection.kept_indices
-        if kept.numel() < rows:
-            output = tuple(
-                t[kept] if isinstance(t, torch.Tensor) and t.shape[0] == rows else t for t in output
+        compacted = False
+        if step.scores:  # else only earlier-pruned requests (decodes): just switch the KV layout
+            selection = select_tokens(
+                q[:rows].view(rows, attention.num_heads, attention.head_size),
+                k[:rows].view(rows, attention.num_kv_heads, attention.head_size),
+                step.query_start_loc.to(step.positions.device),
+                p=step.p,
+                block_size=self.config.block_size,
+                sink=self.config.sink,
+                last_q=self.config.last_q,
+                min_prompt_len=self.config.min_prompt_len,
+                normalize_over=self.config.normalize_over,
             )
-            step.positions = step.positions[kept]
-            step.rows = kept if step.rows is None else step.rows[kept]
-            step.query_start_loc = selection.cu_seqlens.cpu()
+            kept = selection.kept_indices
+            compacted = kept.numel() < rows
+            if compacted:
+                output = tuple(
+                    t[kept] if isinstance(t, torch.Tensor) and t.shape[0] == rows else t
+                    for t in output
+                )
+                step.positions = step.positions[kept]
+                step.rows = kept if step.rows is None else step.rows[kept]
+                step.query_start_loc = selection.cu_seqlens.cpu()
         lens = step.query_start_loc.diff().long()
         offsets = step.stored[stage + 1] + (step.base_lens - lens)
         step.offsets.append(offsets)
-        if rows != kept.numel() or bool(offsets.any()):
+        if compacted or bool(offsets.any()):
             self._set_stage_metadata(stage + 1, offsets)
         return output
 
     # ---- stage metadata ----------------------------------------------------------------------
-
-    def _stage_of(self, layer_name: str) -> int:
-        index = extract_layer_index(layer_name)
-        return sum(d < index for d in self.drops)
 
     def _set_stage_metadata(self, stage: int, offsets: torch.Tensor) -> None:
         """Attention metadata and KV slots, for the current rows, of every layer in `stage`."""
@@ -191,8 +192,8 @@ class Pruner:
             < batch.num_prompt_tokens_cpu_tensor[:num_reqs],
             positions=step.positions,
         )
-        for gid, group in enumerate(runner.kv_cache_config.kv_cache_groups):
-            names = {n for n in group.layer_names if self._stage_of(n) == stage}
+        for gid, by_stage in enumerate(self.stage_layers):
+            names = by_stage[stage]
             if not names:
                 continue
             table = batch.block_table[gid]
@@ -245,17 +246,16 @@ class Pruner:
         scores = bool((fresh & (p < 1.0)).any())
         if not stored.any() and not scores:
             return None
-        device = positions.device
         return _Step(
             req_ids=list(req_ids),
             fresh=fresh,
-            p=p.to(device),
-            stored=stored.to(device),
-            base_lens=lens.to(device),
+            p=p.to(positions.device),
+            stored=stored,
+            base_lens=lens,
             query_start_loc=query_start_loc,
             positions=positions[: int(query_start_loc[-1])],
             scores=scores,
-            offsets=[stored[0].to(device)],
+            offsets=[stored[0]],
         )
 
     def run(self, forward: Any, input_ids: Any, positions: torch.Tensor, **kwargs: Any) -> Any:
@@ -276,10 +276,8 @@ class Pruner:
         return hidden
 
     def _remember(self, step: _Step) -> None:
-        if len(step.offsets) == 1:  # no drop layer ran (cannot happen with drops configured)
-            return
-        offsets = torch.stack(step.offsets[1:]).cpu()  # [S, R]
-        lens = step.base_lens.cpu()
+        offsets = torch.stack(step.offsets[1:])  # [S, R]
+        lens = step.base_lens
         for i in step.fresh.nonzero().flatten().tolist():
             if offsets[:, i].any():
                 self.offsets[step.req_ids[i]] = offsets[:, i].tolist()

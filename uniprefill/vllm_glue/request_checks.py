@@ -11,7 +11,7 @@ from typing import Any
 from vllm.exceptions import VLLMValidationError
 from vllm.sampling_params import SamplingParams
 
-from uniprefill.requests import KEYS, parse_request_controls
+from uniprefill.requests import KEYS, RequestFieldError, parse_request_controls
 
 
 class RequestControlError(VLLMValidationError, ValueError):
@@ -23,11 +23,10 @@ def check_request(params: Any) -> None:
         return
     try:
         parse_request_controls(params.extra_args)
-    except ValueError as error:
-        field = next((k for k in sorted(params.extra_args or {}) if k in str(error)), None)
+    except RequestFieldError as error:
         raise RequestControlError(
             f"{error} (UniPrefill request fields go in vllm_xargs / extra_args: {', '.join(KEYS)})",
-            parameter=field,
+            parameter=error.field,
         ) from None
 
 

@@ -61,7 +61,7 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, cu_seqlens: torch.Tensor) ->
 
 
 def _check_p(p: float | torch.Tensor, cu_seqlens: torch.Tensor) -> float:
-    """The largest p after checking a per-request tensor's shape, dtype and range."""
+    """Check a per-request p tensor here; return a scalar for UniPrefillConfig's shared checks."""
     if not isinstance(p, torch.Tensor):
         return p
     if (
