@@ -22,7 +22,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import statistics
 import sys
 import time
@@ -130,9 +129,7 @@ class ServedEngine:
         import httpx
 
         self.httpx = httpx
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            self.port = sock.getsockname()[1]
+        self.port = serve.free_port()
         self.name = Path(path).name
         extra = [f"--{k.replace('_', '-')}={v}" for k, v in engine_args.items() if k != "dtype"]
         if uniprefill is not None:

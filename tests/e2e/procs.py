@@ -3,7 +3,6 @@
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -55,12 +54,6 @@ def offline_llm(**kwargs) -> Iterator:
         llm.llm_engine.engine_core.shutdown()
         _, alive = psutil.wait_procs(mine, timeout=60)
         assert not alive, f"engine processes still running after shutdown: {alive}"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def run_offline(

@@ -10,7 +10,7 @@ import openai
 import psutil
 import pytest
 
-from tests.e2e.procs import free_port, running_server
+from tests.e2e.procs import running_server
 from uniprefill import models, serve
 
 QWEN = "qwen2.5-coder-0.5b-instruct"
@@ -62,7 +62,7 @@ def test_prepare_is_idempotent_and_integrity_checked():
 
 @pytest.fixture(scope="module")
 def main_job(tmp_path_factory):
-    port = free_port()
+    port = serve.free_port()
     log_path = tmp_path_factory.mktemp("main-job") / "serve.log"
     cmd = [
         str(Path(sys.executable).with_name("uniprefill")),

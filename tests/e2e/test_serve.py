@@ -6,7 +6,7 @@ import openai
 import psutil
 import pytest
 
-from tests.e2e.procs import free_port, lines_from, running_server
+from tests.e2e.procs import lines_from, running_server
 from uniprefill import serve
 
 ENGINE_ARGS = ["--max-model-len", "4096", "--enforce-eager"]
@@ -14,7 +14,7 @@ ENGINE_ARGS = ["--max-model-len", "4096", "--enforce-eager"]
 
 @pytest.fixture(scope="module")
 def server(prepared, tmp_path_factory):
-    port = free_port()
+    port = serve.free_port()
     log_path = tmp_path_factory.mktemp("serve") / "server.log"
     cmd = serve.serve_command(
         str(prepared("tiny-llama")),
