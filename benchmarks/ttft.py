@@ -7,7 +7,9 @@ are passkey questions over varied prose (benchmarks/ruler_tasks.py), trimmed to 
 
 Per setting: TTFT median and p90 for both, the speedup (baseline / UniPrefill median TTFT), the
 ideal speedup (baseline token-layers / pruned token-layers, from the keep counts the workers
-report), decode tokens/s per request (median) for both, and passkey accuracy for both.
+report), decode tokens/s for both and passkey accuracy for both. Decode tokens/s counts the tokens
+produced after the setting's last first token, when no prefill is left in the batch, over that
+window's length: it measures decode steps alone, not decodes queued behind a long prefill.
 
     python benchmarks/ttft.py --model qwen2.5-coder-0.5b-instruct --input-lens 2048 4096 8192 \\
         --concurrency 1 2 4 8 --mode offline --json ttft.json --plot ttft.png
@@ -40,8 +42,16 @@ ENGINES = ("baseline", "uniprefill")
 @dataclass
 class Request:
     ttft: float  # seconds from submission to the first token
-    decode_tps: float  # tokens/s after the first token
+    token_times: list[float]  # arrival time of each output token
     correct: bool
+
+
+def decode_tps(requests: list[Request]) -> float:
+    """Tokens/s of the decode-only window: after the last first token, until the last token."""
+    start = max(r.token_times[0] for r in requests)
+    end = max(r.token_times[-1] for r in requests)
+    tokens = sum(t > start for r in requests for t in r.token_times)
+    return tokens / (end - start) if end > start else float("nan")
 
 
 def make_prompts(tokenizer, length: int, count: int) -> tuple[list[list[int]], list[str]]:
@@ -89,23 +99,22 @@ class OfflineEngine:
         core = self.llm.llm_engine
         params = SamplingParams(temperature=0, max_tokens=max_tokens)
         pending = list(enumerate(prompts))
-        start, first, last, results = {}, {}, {}, {}
+        start, times, results = {}, {}, {}
         while pending or core.has_unfinished_requests():
             while pending and len(start) - len(results) < concurrency:
                 i, ids = pending.pop(0)
                 self.count += 1
                 req_id = f"r{self.count}"
                 start[req_id] = (i, time.perf_counter())
+                times[req_id] = []
                 core.add_request(req_id, {"prompt_token_ids": ids}, params)
             for out in core.step():
                 now = time.perf_counter()
-                tokens = out.outputs[0].token_ids
-                if tokens and out.request_id not in first:
-                    first[out.request_id] = (now, len(tokens))
+                new = len(out.outputs[0].token_ids) - len(times[out.request_id])
+                times[out.request_id] += [now] * new
                 if out.finished:
-                    last[out.request_id] = (now, len(tokens))
                     results[out.request_id] = out.outputs[0].text
-        return [_request(start[r], first[r], last[r], results[r], answers) for r in results]
+        return [_request(*start[r], times[r], results[r], answers) for r in results]
 
     def kept_counts(self) -> list[list[int]]:
         (state,) = self.llm.collective_rpc("uniprefill_requests")
@@ -115,10 +124,8 @@ class OfflineEngine:
         self.llm.llm_engine.engine_core.shutdown()
 
 
-def _request(start, first, last, text, answers) -> Request:
-    (i, t0), (t1, n1), (t2, n2) = start, first, last
-    tps = (n2 - n1) / (t2 - t1) if n2 > n1 and t2 > t1 else float("nan")
-    return Request(t1 - t0, tps, answers[i] in text)
+def _request(i: int, submitted: float, token_times: list[float], text: str, answers) -> Request:
+    return Request(token_times[0] - submitted, token_times, answers[i] in text)
 
 
 # ---- serve: two real vLLM servers, streaming clients -------------------------------------------
@@ -157,14 +164,12 @@ class ServedEngine:
                     model=self.name, prompt=ids, max_tokens=max_tokens, temperature=0,
                     stream=True, stream_options={"include_usage": True},
                 )  # fmt: skip
-                text, first, n = "", None, 0
-                async for chunk in stream:
-                    if chunk.choices and chunk.choices[0].text:
-                        first = first or (time.perf_counter(), 1)
+                text, times = "", []
+                async for chunk in stream:  # one chunk per token; the usage chunk has no choices
+                    if chunk.choices:
+                        times.append(time.perf_counter())
                         text += chunk.choices[0].text
-                    if chunk.usage:
-                        n = chunk.usage.completion_tokens
-                return _request((i, t0), first, (time.perf_counter(), n), text, answers)
+                return _request(i, t0, times, text, answers)
 
         return await asyncio.gather(*(one(i, ids) for i, ids in enumerate(prompts)))
 
@@ -195,7 +200,7 @@ def summarize(length, concurrency, runs, kept, drops, depth, tokens) -> dict:
         **{f"ttft_p90_{e}": percentile([r.ttft for r in runs[e]], 0.9) for e in ENGINES},
         "speedup": med["baseline"] / med["uniprefill"],
         "ideal_speedup": full / pruned,
-        **{f"decode_tps_{e}": statistics.median(r.decode_tps for r in runs[e]) for e in ENGINES},
+        **{f"decode_tps_{e}": decode_tps(runs[e]) for e in ENGINES},
         "accuracy_baseline": f"{sum(r.correct for r in base)}/{len(base)}",
         "accuracy_uniprefill": f"{sum(r.correct for r in uni)}/{len(uni)}",
         "kept_per_stage": [round(statistics.mean(s)) for s in zip(*kept, strict=True)]
