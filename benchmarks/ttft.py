@@ -1,9 +1,10 @@
 """TTFT of baseline vLLM and UniPrefill, side by side in one run, on the same prompts.
 
 Both engines get the same engine arguments (UniPrefill's: eager mode, the whole prompt in one
-step); only pruning differs. Each setting (input length x concurrency) runs on the baseline
-engine, then on the UniPrefill engine, with `concurrency` requests in flight at a time. Prompts
-are passkey questions over varied prose (benchmarks/ruler_tasks.py), trimmed to the input length.
+step; no prefix caching); only pruning differs. Each setting (input length x concurrency) runs
+on the baseline engine, then on the UniPrefill engine, with `concurrency` requests in flight at a
+time. Prompts are passkey questions over varied prose (benchmarks/ruler_tasks.py), trimmed to
+the input length.
 
 Per setting: TTFT median and p90 for both, the speedup (baseline / UniPrefill median TTFT), the
 ideal speedup (baseline token-layers / pruned token-layers, from the keep counts the workers
@@ -30,6 +31,7 @@ import time
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ruler_tasks import make_sample
 
@@ -131,6 +133,13 @@ def _request(i: int, submitted: float, token_times: list[float], text: str, answ
 # ---- serve: two real vLLM servers, streaming clients -------------------------------------------
 
 
+def _cli_flag(key: str, value: Any) -> str:
+    flag = key.replace("_", "-")
+    if isinstance(value, bool):  # vLLM's boolean options: --flag / --no-flag
+        return f"--{flag}" if value else f"--no-{flag}"
+    return f"--{flag}={value}"
+
+
 class ServedEngine:
     def __init__(self, path: str, engine_args: dict, uniprefill: dict | None, log: Path):
         import httpx
@@ -138,7 +147,7 @@ class ServedEngine:
         self.httpx = httpx
         self.port = serve.free_port()
         self.name = Path(path).name
-        extra = [f"--{k.replace('_', '-')}={v}" for k, v in engine_args.items() if k != "dtype"]
+        extra = [_cli_flag(k, v) for k, v in engine_args.items() if k != "dtype"]
         if uniprefill is not None:
             extra += ["--additional-config", json.dumps({"uniprefill": uniprefill})]
         cmd = serve.serve_command(path, served_name=self.name, host="127.0.0.1", port=self.port,
@@ -294,8 +303,10 @@ def main() -> None:
     resolved = settings.resolve(layer_types(text_config))
     depth = text_config.num_hidden_layers
     max_len = max(args.input_lens) + args.output_len + 256  # prompts land within ~2%
+    # No prefix caching in either engine: settings reuse prompts, and a cached prompt would time
+    # only its last block in the baseline (UniPrefill never reads the cache for pruned prompts).
     engine_args = dict(dtype=args.dtype, max_model_len=max_len, max_num_batched_tokens=max_len,
-                       enforce_eager=True, seed=0)  # fmt: skip
+                       enforce_eager=True, enable_prefix_caching=False, seed=0)  # fmt: skip
     print(f"# {args.model}, {args.mode}, UniPrefill {resolved.to_dict()}", flush=True)
     rows = []
     with engines(args, path, engine_args, resolved.to_dict()) as made:

@@ -1,12 +1,16 @@
 """The scheduler vLLM's engine core uses when UniPrefill is enabled (via `scheduler_cls`).
 
-Two duties for a request that will be pruned (decided from the request alone, as the worker
+Three duties for a request that will be pruned (decided from the request alone, as the worker
 decides it; see uniprefill.requests):
 - its prompt is prefilled in one step, never in chunks: the selection needs the prompt's last
   queries over all of its keys. It waits for a step with room instead;
 - its KV blocks never enter or come from the prefix cache: after a drop layer they hold the
   compacted layout, which another request with the same prefix must not reuse. Other requests
-  keep prefix caching.
+  keep prefix caching;
+- its sliding-window blocks are never freed while it runs: vLLM frees the blocks before a
+  window over the full prompt, but after a drop layer the window is over the compacted KV,
+  which sits at the front of those blocks. Such a request holds its sliding-window blocks as a
+  full-attention layer would (a KV-memory cost for pruned requests only).
 """
 
 from __future__ import annotations
@@ -39,6 +43,13 @@ class UniPrefillScheduler(Scheduler):
                 cache_blocks(request, num_computed_tokens)
 
         coordinator.cache_blocks = cache_unless_pruned
+        remove_skipped_blocks = coordinator.remove_skipped_blocks
+
+        def remove_skipped_unless_pruned(request_id: str, *args: Any, **kwargs: Any) -> None:
+            if request_id not in self.pruned_req_ids:
+                remove_skipped_blocks(request_id, *args, **kwargs)
+
+        coordinator.remove_skipped_blocks = remove_skipped_unless_pruned
         logger.info(
             "UniPrefill scheduler active (pid %d, plugin registered here: %s): %s; prefix "
             "caching %s",

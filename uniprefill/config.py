@@ -13,6 +13,7 @@ from typing import Any
 
 CONFIG_KEY = "uniprefill"  # the key of vLLM's additional_config that carries these settings
 FULL_ATTENTION = "full_attention"
+LINEAR_ATTENTION = "linear_attention"
 # What top-p normalises block scores over: every block (the paper's rule), or only the blocks
 # that are not entirely forced (sink, last queries), which otherwise hold most of the mass.
 NORMALIZE_OVER = ("all_blocks", "unforced_blocks")

@@ -7,7 +7,7 @@ prefill in the same step as other requests' decodes gives each request its solo 
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM
 from vllm import LLM, SamplingParams
 
 from tests.e2e.procs import offline_llm
@@ -19,7 +19,12 @@ from uniprefill.reference import generate
 SETTINGS = {"p": 0.9, "min_prompt_len": 256, "sink": 64, "last_q": 32, "block_size": 16}
 LENGTHS = (1500, 40, 900, 300)  # 40 is below min_prompt_len: never pruned
 MAX_TOKENS = 8
-FAMILIES = ("tiny-llama", "tiny-qwen2")
+FAMILIES = ("tiny-llama", "tiny-qwen2", "tiny-gemma3", "tiny-qwen3-next")
+DTYPE = {"tiny-qwen3-next": torch.bfloat16}  # vLLM's CPU GDN kernels run only in bfloat16
+# In bfloat16, vLLM's and transformers' Gated DeltaNet kernels round differently: unpruned, their
+# greedy tokens already part at the first or second token. There only keep counts are compared
+# with the reference; the other tests compare with baseline vLLM and solo runs, exactly.
+COMPARED_TOKENS = {"tiny-qwen3-next": 0}
 
 
 def prompts(lengths=LENGTHS, seed=0) -> list[list[int]]:
@@ -37,8 +42,13 @@ def tokens_of(outputs) -> list[list[int]]:
     return [list(out.outputs[0].token_ids) for out in outputs]
 
 
+def dtype_of(model_dir) -> torch.dtype:
+    return DTYPE.get(model_dir.name, torch.float32)
+
+
 def _llm(model_dir, **extra):
-    return offline_llm(model=str(model_dir), dtype="float32", max_model_len=4096, seed=0, **extra)
+    dtype = str(dtype_of(model_dir)).removeprefix("torch.")
+    return offline_llm(model=str(model_dir), dtype=dtype, max_model_len=4096, seed=0, **extra)
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -75,12 +85,13 @@ def test_pruned_requests_keep_what_the_reference_keeps_and_say_the_same(engine, 
     live, recent = live_and_recent(engine)
     assert live == {}  # every request finished: nothing left behind
 
-    model = AutoModelForCausalLM.from_pretrained(family[1], dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(family[1], dtype=dtype_of(family[1])).eval()
     config = UniPrefillConfig.from_dict(SETTINGS).resolve(layer_types(model.config))
     pruned = 0
     for prompt, output in zip(batch, outputs, strict=True):
         ref = generate(model, torch.tensor(prompt), config=config, max_new_tokens=MAX_TOKENS)
-        assert list(output.outputs[0].token_ids) == ref.tokens, len(prompt)
+        compared = COMPARED_TOKENS.get(family[0], MAX_TOKENS)
+        assert list(output.outputs[0].token_ids)[:compared] == ref.tokens[:compared], len(prompt)
         if ref.kept_per_stage[-1] < len(prompt):
             assert recent[output.request_id] == ref.kept_per_stage
             pruned += 1
@@ -120,12 +131,14 @@ def test_pruned_prefill_alongside_decodes_gives_each_request_its_solo_tokens(eng
     assert live == {} and {"long-0", "long-2", "long-4"} <= set(recent)
 
 
-def test_aborted_request_leaves_no_state_behind(engine):
+def test_aborted_request_leaves_no_state_behind(engine, family):
     core = engine.llm_engine
     core.add_request("to-abort", {"prompt_token_ids": prompts((1000,), seed=2)[0]}, greedy())
     core.step()  # the pruned prefill
     live, _ = live_and_recent(engine)
-    assert list(live) == ["to-abort"] and len(live["to-abort"]) == 3  # offsets for 3 stages
+    text_config = AutoConfig.from_pretrained(family[1])
+    drops = UniPrefillConfig.from_dict(SETTINGS).resolve(layer_types(text_config)).drop_layers
+    assert list(live) == ["to-abort"] and len(live["to-abort"]) == len(drops)  # offset per stage
     core.abort_request(["to-abort"])
     # An idle engine core runs no step; the worker hears of the abort with the next one.
     engine.generate([{"prompt_token_ids": [5, 6, 7]}], greedy())

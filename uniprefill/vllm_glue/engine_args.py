@@ -12,7 +12,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from uniprefill.config import CONFIG_KEY, UniPrefillConfig
+from uniprefill.config import CONFIG_KEY, LINEAR_ATTENTION, UniPrefillConfig
 from uniprefill.families import family_of, layer_types
 from uniprefill.vllm_glue.log import get_logger
 from uniprefill.vllm_glue.patches import apply_patches
@@ -114,6 +114,42 @@ def _check_no_chunking(vllm_config: Any) -> None:
         )
 
 
+ADJUSTED = ("max_num_batched_tokens", "enable_prefix_caching")  # EngineArgs fields: None = unset
+
+
+def _adjust(engine_args: Any, vllm_config: Any, user_set: dict[str, Any]) -> bool:
+    """Change what UniPrefill needs and the user left unset; True if anything changed."""
+    changed = False
+    max_len = vllm_config.model_config.max_model_len
+    batched = vllm_config.scheduler_config.max_num_batched_tokens
+    if user_set["max_num_batched_tokens"] is None and batched < max_len:
+        logger.info(
+            "UniPrefill: max_num_batched_tokens %d -> %d (max_model_len), so a pruned prompt is "
+            "prefilled in one step",
+            batched,
+            max_len,
+        )
+        engine_args.max_num_batched_tokens = max_len
+        changed = True
+    kinds = layer_types(vllm_config.model_config.hf_text_config)
+    if LINEAR_ATTENTION in kinds and vllm_config.cache_config.enable_prefix_caching:
+        # With prefix caching, vLLM keeps recurrent states per block of tokens and splits
+        # prefills at block boundaries; a pruned layer's state covers fewer tokens than its block.
+        if user_set["enable_prefix_caching"]:
+            raise ValueError(
+                "UniPrefill cannot prune a model with linear-attention layers while prefix "
+                "caching is on (its recurrent states are stored per block of prompt tokens); "
+                "remove --enable-prefix-caching or disable UniPrefill"
+            )
+        logger.info(
+            "UniPrefill: prefix caching off for this model: its linear-attention states are "
+            "cached per block of prompt tokens, which pruning does not keep"
+        )
+        engine_args.enable_prefix_caching = False
+        changed = True
+    return changed
+
+
 def wrap_create_engine_config(original: Callable[..., Any]) -> Callable[..., Any]:
     def create_engine_config(self: Any, *args: Any, **kwargs: Any) -> Any:
         raw = (self.additional_config or {}).get(CONFIG_KEY)
@@ -126,19 +162,10 @@ def wrap_create_engine_config(original: Callable[..., Any]) -> Callable[..., Any
         _claim(self, "worker_extension_cls", WORKER_EXTENSION_CLS, unset="")
         # Compaction changes tensor shapes between layers, data-dependently: no traced graph.
         self.enforce_eager = True
-        batched_tokens_set_by_user = self.max_num_batched_tokens is not None
+        # vLLM fills its defaults into these fields: note what the user set first.
+        user_set = {name: getattr(self, name) for name in ADJUSTED}
         vllm_config = original(self, *args, **kwargs)
-        max_len = vllm_config.model_config.max_model_len
-        if not batched_tokens_set_by_user and (
-            vllm_config.scheduler_config.max_num_batched_tokens < max_len
-        ):
-            logger.info(
-                "UniPrefill: max_num_batched_tokens %d -> %d (max_model_len), so a pruned prompt "
-                "is prefilled in one step",
-                vllm_config.scheduler_config.max_num_batched_tokens,
-                max_len,
-            )
-            self.max_num_batched_tokens = max_len
+        if _adjust(self, vllm_config, user_set):
             vllm_config = original(self, *args, **kwargs)
         _check_parallelism_and_runner(vllm_config)
         _check_no_chunking(vllm_config)
