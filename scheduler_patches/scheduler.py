@@ -19,6 +19,7 @@ import os
 from typing import Any
 
 from vllm.v1.core.sched.scheduler import Scheduler
+from vllm.v1.core.single_type_kv_cache_manager import SlidingWindowManager
 from vllm.v1.request import Request
 
 from uniprefill.config import CONFIG_KEY, UniPrefillConfig
@@ -50,6 +51,12 @@ class UniPrefillScheduler(Scheduler):
                 remove_skipped_blocks(request_id, *args, **kwargs)
 
         coordinator.remove_skipped_blocks = remove_skipped_unless_pruned
+        if any(isinstance(m, SlidingWindowManager) for m in coordinator.single_type_managers):
+            logger.info(
+                "UniPrefill: pruned requests keep their sliding-window KV blocks until they "
+                "finish (after a drop layer the window is over the compacted KV at the front of "
+                "those blocks); unpruned requests free them as usual"
+            )
         logger.info(
             "UniPrefill scheduler active (pid %d, plugin registered here: %s): %s; prefix "
             "caching %s",
