@@ -96,3 +96,11 @@ def test_explicit_step_budget_below_max_model_len_is_refused_with_what_to_change
 def test_long_prefill_threshold_that_would_split_prompts_is_refused(prepared):
     with pytest.raises(ValueError, match="long_prefill_token_threshold=1024 would split"):
         _engine_config(prepared("tiny-llama"), {}, long_prefill_token_threshold=1024)
+
+
+def test_linear_attention_model_runs_without_prefix_caching(prepared):
+    model = prepared("tiny-qwen3-next")
+    assert not _engine_config(model, {}).cache_config.enable_prefix_caching
+    assert _engine_config(model, {"enabled": False}).cache_config.enable_prefix_caching
+    with pytest.raises(ValueError, match="remove --enable-prefix-caching"):
+        _engine_config(model, {}, enable_prefix_caching=True)
