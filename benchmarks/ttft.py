@@ -63,14 +63,21 @@ def make_prompts(tokenizer, length: int, count: int) -> tuple[list[list[int]], l
         words = int(length * 0.7)
         for _ in range(4):  # rescale the haystack until the prompt is just under `length`
             sample = make_sample("passkey", i, words, depth=(i % 5 + 0.5) / 5)
-            text = tokenizer.apply_chat_template(
-                sample.messages, add_generation_prompt=True, tokenize=False
-            )
-            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            ids = _encode(tokenizer, sample.messages)
             words = int(words * 0.995 * length / len(ids))
         prompts.append(list(ids))
         answers.append(sample.answers[0])
     return prompts, answers
+
+
+def _encode(tokenizer, messages: list[dict]) -> list[int]:
+    """Chat-formatted ids; plain text (with the tokenizer's own special tokens) for base models
+    without a chat template, such as Gemma-3-270M."""
+    if tokenizer.chat_template is None:
+        text = "\n\n".join(m["content"] for m in messages) + "\nThe passkey is"
+        return tokenizer(text)["input_ids"]
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 def percentile(values: list[float], q: float) -> float:
