@@ -146,11 +146,20 @@ def _check_drop_layers(drop_layers: object) -> None:
 
 def auto_drop_layers(layer_types: Sequence[str]) -> tuple[int, ...]:
     """Full-attention layers from a quarter of the depth on, spaced about a sixth of it apart,
-    leaving the last eighth alone (e.g. 24 layers -> 6, 10, 14, 18; 32 -> 8, 13, 18, 23)."""
+    leaving the last eighth alone (e.g. 24 layers -> 6, 10, 14, 18; 32 -> 8, 13, 18, 23).
+
+    A drop layer also needs a full-attention layer before it: the scoring queries must already
+    have seen the whole prompt. Gemma-3-270M's first global layer (5) follows only sliding
+    layers; dropping there lost the passkey on every prompt tried (docs/benchmarks.md).
+    """
     depth = len(layer_types)
     first, spacing, end = depth // 4, max(2, depth // 6), depth - depth // 8
     chosen: list[int] = []
+    seen_full = FULL_ATTENTION in layer_types[:first]
     for layer in range(first, end):
-        if layer_types[layer] == FULL_ATTENTION and (not chosen or layer - chosen[-1] >= spacing):
+        if layer_types[layer] != FULL_ATTENTION:
+            continue
+        if seen_full and (not chosen or layer - chosen[-1] >= spacing):
             chosen.append(layer)
+        seen_full = True
     return tuple(chosen)

@@ -12,7 +12,7 @@ from uniprefill import serve
 
 GEMMA = "gemma-3-270m"
 # A base model: it continues text. The long prose before the list (~2700 tokens) is what gets
-# pruned; the reference path keeps the same answer there (2726 -> 2278 -> 1958 tokens).
+# pruned.
 PROMPT = "\n".join(PROSE[(i * 5) % len(PROSE)] for i in range(110)) + (
     "\n\nThe days of the week: Monday, Tuesday, Wednesday,"
 )
@@ -59,6 +59,6 @@ def test_pruned_long_prompt_is_continued_like_the_unpruned_one(server):
     (worker,) = rpc.json()["results"]
     assert worker["live"] == {}
     (kept,) = [k for _, k in worker["recent"] if k[0] == pruned.usage.prompt_tokens]
-    assert len(kept) == 3 and kept[-1] < kept[0]  # drops at global layers 5 and 11 of 18
+    assert len(kept) == 2 and kept[-1] < kept[0]  # one drop, at global layer 11 of 18
     log = log_path.read_text()
     assert "[gemma3]" in log and "keep their sliding-window KV blocks" in log

@@ -69,10 +69,12 @@ def test_resolve_rejects_non_full_attention_layers():
         ([FULL] * 24, (6, 10, 14, 18)),  # Qwen2.5-0.5B
         ([FULL] * 32, (8, 13, 18, 23)),  # Llama-3.1-8B
         ([FULL] * 8, (2, 4, 6)),  # tiny models
-        ([FULL if i % 6 == 5 else SLIDING for i in range(18)], (5, 11)),  # Gemma-3-270M
+        # Gemma-3-270M: not 5, the first global layer (only sliding layers before it)
+        ([FULL if i % 6 == 5 else SLIDING for i in range(18)], (11,)),
+        ([FULL if i % 6 == 5 else SLIDING for i in range(62)], (17, 29, 41, 53)),  # Gemma-3-27B
         ([FULL if i % 4 == 3 else LINEAR for i in range(48)], (15, 23, 31, 39)),  # Qwen3-Next
     ],
-    ids=["qwen2.5-24", "llama-32", "tiny-8", "gemma3-18", "qwen3next-48"],
+    ids=["qwen2.5-24", "llama-32", "tiny-8", "gemma3-18", "gemma3-62", "qwen3next-48"],
 )
 def test_auto_drop_layers_pick_full_attention_after_the_first_quarter(kinds, expected):
     assert auto_drop_layers(kinds) == expected
