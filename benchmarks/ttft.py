@@ -39,6 +39,7 @@ from uniprefill import models, serve
 from uniprefill.config import UniPrefillConfig
 
 ENGINES = ("baseline", "uniprefill")
+RESULTS = Path(__file__).resolve().parent / "results"
 
 
 @dataclass
@@ -292,7 +293,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--uniprefill", default="{}", help="UniPrefill settings, JSON")
     parser.add_argument("--kv-cache-gib", type=int, default=2, help="per engine")
-    parser.add_argument("--server-logs", default="benchmarks/results/ttft-servers")
+    parser.add_argument("--server-logs", default=str(RESULTS / "ttft-servers"))
     parser.add_argument("--json", help="write the rows here")
     parser.add_argument("--plot", help="write a PNG plot here")
     args = parser.parse_args()
