@@ -16,6 +16,7 @@ decides it; see uniprefill.requests):
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any
 
 from vllm.v1.core.sched.scheduler import Scheduler
@@ -36,21 +37,15 @@ class UniPrefillScheduler(Scheduler):
 
         self.uniprefill = UniPrefillConfig.from_dict(vllm_config.additional_config[CONFIG_KEY])
         self.pruned_req_ids: set[str] = set()  # may be pruned: no prefix cache, no chunking
+        # Two KV-cache coordinator operations that pruned requests skip: filling the prefix
+        # cache, and freeing blocks outside a sliding window.
         coordinator = self.kv_cache_manager.coordinator
-        cache_blocks = coordinator.cache_blocks
-
-        def cache_unless_pruned(request: Request, num_computed_tokens: int) -> None:
-            if request.request_id not in self.pruned_req_ids:
-                cache_blocks(request, num_computed_tokens)
-
-        coordinator.cache_blocks = cache_unless_pruned
-        remove_skipped_blocks = coordinator.remove_skipped_blocks
-
-        def remove_skipped_unless_pruned(request_id: str, *args: Any, **kwargs: Any) -> None:
-            if request_id not in self.pruned_req_ids:
-                remove_skipped_blocks(request_id, *args, **kwargs)
-
-        coordinator.remove_skipped_blocks = remove_skipped_unless_pruned
+        coordinator.cache_blocks = self._unless_pruned(
+            coordinator.cache_blocks, lambda request: request.request_id
+        )
+        coordinator.remove_skipped_blocks = self._unless_pruned(
+            coordinator.remove_skipped_blocks, lambda request_id: request_id
+        )
         if any(isinstance(m, SlidingWindowManager) for m in coordinator.single_type_managers):
             logger.info(
                 "UniPrefill: pruned requests keep their sliding-window KV blocks until they "
@@ -67,6 +62,17 @@ class UniPrefillScheduler(Scheduler):
             if self.kv_cache_manager.enable_caching
             else "is off",
         )
+
+    def _unless_pruned(
+        self, method: Callable[..., None], request_id_of: Callable[[Any], str]
+    ) -> Callable[..., None]:
+        """`method`, but a no-op for pruned requests (identified from its first argument)."""
+
+        def call(first: Any, *args: Any, **kwargs: Any) -> None:
+            if request_id_of(first) not in self.pruned_req_ids:
+                method(first, *args, **kwargs)
+
+        return call
 
     def add_request(self, request: Request) -> None:
         p = request_p(self.uniprefill, request.sampling_params)
