@@ -18,7 +18,7 @@ import time
 import torch
 
 from uniprefill import __version__, models
-from uniprefill.ops import select_tokens
+from uniprefill.ops import SelectionRule, select_tokens
 
 
 def median_seconds(fn, repeats: int) -> float:
@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     config, layer, rotary = decoder_layer(args.model, dtype)
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
     head_dim = config.hidden_size // heads
-    rule = dict(p=0.99, block_size=64, sink=128, last_q=args.last_q)
+    rule = SelectionRule(block_size=64, sink=128, last_q=args.last_q)
     rows = []
     for n in args.lengths:
         hidden = torch.randn(1, n, config.hidden_size, dtype=dtype)
@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> list[dict]:
 
             @torch.inference_mode()
             def select(backend=backend, q=q, k=k, cu=cu):
-                select_tokens(q, k, cu, **rule, backend=backend)
+                select_tokens(q, k, cu, p=0.99, rule=rule, backend=backend)
 
             select_s = median_seconds(select, args.repeats)
             row[f"{backend}_ms"] = select_s * 1e3

@@ -1,4 +1,6 @@
-"""The scheduler vLLM's engine core uses when UniPrefill is enabled (via `scheduler_cls`).
+"""UniPrefillScheduler: a subclass of vLLM's `Scheduler`, which vLLM's engine core uses in its
+place when UniPrefill is enabled (`scheduler_cls`). The vLLM methods it overrides are listed in
+`uniprefill/vllm_glue/coupling.py` (OVERRIDES).
 
 Three duties for a request that will be pruned (decided from the request alone, as the worker
 decides it; see uniprefill.requests):
@@ -25,7 +27,13 @@ from vllm.v1.request import Request
 
 from uniprefill.config import CONFIG_KEY, UniPrefillConfig
 from uniprefill.requests import request_p, will_prune
+from uniprefill.vllm_glue.coupling import (
+    SCHEDULER_ATTRIBUTES,
+    missing_attributes,
+    raise_if_missing,
+)
 from uniprefill.vllm_glue.log import get_logger
+from uniprefill.vllm_glue.patches import applied_patches
 
 logger = get_logger(__name__)
 
@@ -33,8 +41,7 @@ logger = get_logger(__name__)
 class UniPrefillScheduler(Scheduler):
     def __init__(self, vllm_config: Any, *args: Any, **kwargs: Any) -> None:
         super().__init__(vllm_config, *args, **kwargs)
-        from uniprefill import plugin
-
+        raise_if_missing(missing_attributes(self, SCHEDULER_ATTRIBUTES), "Scheduler")
         self.uniprefill = UniPrefillConfig.from_dict(vllm_config.additional_config[CONFIG_KEY])
         self.pruned_req_ids: set[str] = set()  # may be pruned: no prefix cache, no chunking
         # Two KV-cache coordinator operations that pruned requests skip: filling the prefix
@@ -53,10 +60,10 @@ class UniPrefillScheduler(Scheduler):
                 "those blocks); unpruned requests free them as usual"
             )
         logger.info(
-            "UniPrefill scheduler active (pid %d, plugin registered here: %s): %s; prefix "
+            "UniPrefill scheduler active (pid %d, %d vLLM patches applied here): %s; prefix "
             "caching %s",
             os.getpid(),
-            plugin.is_registered(),
+            len(applied_patches()),
             self.uniprefill.to_dict(),
             "stays on for unpruned requests; pruned requests neither read nor fill it"
             if self.kv_cache_manager.enable_caching

@@ -32,7 +32,7 @@ def prepared():
 def no_engine_left_behind():
     """An engine process that outlives its test holds GBs of memory: kill it, and fail loudly."""
     yield
-    from tests.e2e.procs import engine_children
+    from tests.e2e.helpers import engine_children
 
     leftovers = engine_children()
     for child in leftovers:

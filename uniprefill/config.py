@@ -1,7 +1,8 @@
 """UniPrefill settings: one strict, frozen object built from `additional_config["uniprefill"]`.
 
-This module imports neither vLLM nor torch; model facts (depth, layer kinds) come in as plain
-values so validation is testable without an engine.
+This module imports no vLLM; model facts (depth, layer kinds) come in as plain values so
+validation is testable without an engine. The selection rule's own settings are checked by the
+operator's `SelectionRule` (importing it loads torch).
 """
 
 from __future__ import annotations
@@ -11,12 +12,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from uniprefill.ops.select.rule import SelectionRule, check_p
+
 CONFIG_KEY = "uniprefill"  # the key of vLLM's additional_config that carries these settings
 FULL_ATTENTION = "full_attention"
 LINEAR_ATTENTION = "linear_attention"
-# What top-p normalises block scores over: every block (the paper's rule), or only the blocks
-# that are not entirely forced (sink, last queries), which otherwise hold most of the mass.
-NORMALIZE_OVER = ("all_blocks", "unforced_blocks")
 # Named settings: `{"preset": "paper"}` is the paper's rule with its defaults; keys given next to
 # a preset override it.
 PRESETS = {
@@ -32,7 +32,7 @@ PRESETS = {
 
 @dataclass(frozen=True, slots=True)
 class UniPrefillConfig:
-    """Settings of the selection rule (DESIGN.md 1.1) and of where it runs.
+    """Settings of the selection rule (docs/design/selection.md) and of where it runs.
 
     enabled: master switch; `additional_config={"uniprefill": {}}` alone turns UniPrefill on.
     p: top-p mass of block scores to keep, in (0, 1]; 1.0 keeps every token.
@@ -42,7 +42,7 @@ class UniPrefillConfig:
     drop_layers: "auto" (chosen from the model's layer kinds) or explicit layer indices; each
         must be a full-attention layer.
     min_prompt_len: prompts shorter than this are never pruned.
-    normalize_over: "all_blocks" (the paper) or "unforced_blocks" (see NORMALIZE_OVER).
+    normalize_over: "all_blocks" (the paper) or "unforced_blocks" (see ops/select/rule.py).
     """
 
     enabled: bool = True
@@ -57,26 +57,23 @@ class UniPrefillConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.enabled, bool):
             raise ValueError(f"uniprefill.enabled must be true or false, got {self.enabled!r}")
-        if isinstance(self.p, bool) or not isinstance(self.p, int | float):
-            raise ValueError(f"uniprefill.p must be a number in (0, 1], got {self.p!r}")
-        if not 0.0 < self.p <= 1.0:
-            raise ValueError(f"uniprefill.p must be in (0, 1], got {self.p}")
-        for name in ("block_size", "sink", "last_q", "min_prompt_len"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"uniprefill.{name} must be a non-negative integer, got {value!r}")
-        if self.block_size == 0 or self.block_size & (self.block_size - 1):
-            raise ValueError(
-                f"uniprefill.block_size must be a power of two (e.g. 64), got {self.block_size}"
-            )
-        if self.last_q == 0:
-            raise ValueError("uniprefill.last_q must be at least 1 (the last token scores)")
+        try:  # the operator checks its own settings; prefix them as the user wrote them
+            check_p(self.p)
+            _ = self.rule
+        except ValueError as e:
+            raise ValueError(f"uniprefill.{e}") from None
         _check_drop_layers(self.drop_layers)
-        if self.normalize_over not in NORMALIZE_OVER:
-            raise ValueError(
-                f"uniprefill.normalize_over must be one of {list(NORMALIZE_OVER)}, "
-                f"got {self.normalize_over!r}"
-            )
+
+    @property
+    def rule(self) -> SelectionRule:
+        """These settings as the selection operator takes them (p is passed per call)."""
+        return SelectionRule(
+            block_size=self.block_size,
+            sink=self.sink,
+            last_q=self.last_q,
+            min_prompt_len=self.min_prompt_len,
+            normalize_over=self.normalize_over,
+        )
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any] | None) -> UniPrefillConfig:

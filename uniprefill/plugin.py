@@ -30,7 +30,3 @@ def register() -> None:
         os.getpid(),
         count,
     )
-
-
-def is_registered() -> bool:
-    return _registered

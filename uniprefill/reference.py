@@ -59,6 +59,7 @@ class ReferenceResult:
     prefill_seconds: float
     layer_tokens: list[int] = field(default_factory=list)  # tokens each layer processed
     kept_positions: list[torch.Tensor] = field(default_factory=list)  # prompt positions per drop
+    block_scores: list[torch.Tensor] = field(default_factory=list)  # per drop, what top-p ran on
 
 
 class _Runner:
@@ -145,7 +146,7 @@ def _generate(runner: _Runner, input_ids, config, max_new_tokens, backend) -> Re
     device = runner.model.device
     ids = input_ids.to(device)
     cache = DynamicCache(config=runner.config)
-    kept, layer_tokens, kept_positions = [ids.numel()], [], []
+    kept, layer_tokens, kept_positions, block_scores = [ids.numel()], [], [], []
 
     def prune(i, hidden, positions):
         layer_tokens.append(hidden.shape[1])
@@ -158,14 +159,11 @@ def _generate(runner: _Runner, input_ids, config, max_new_tokens, backend) -> Re
             key[0].transpose(0, 1),
             torch.tensor([0, n], dtype=torch.int32, device=device),
             p=config.p,
-            block_size=config.block_size,
-            sink=config.sink,
-            last_q=config.last_q,
-            min_prompt_len=config.min_prompt_len,
-            normalize_over=config.normalize_over,
+            rule=config.rule,
             backend=backend,
         )
         kept.append(selection.kept_indices.numel())
+        block_scores.append(selection.block_scores[0].cpu())
         positions = positions[:, selection.kept_indices]
         kept_positions.append(positions[0].cpu())
         return hidden[:, selection.kept_indices], positions, True
@@ -185,5 +183,5 @@ def _generate(runner: _Runner, input_ids, config, max_new_tokens, backend) -> Re
         hidden = runner.run_layers(hidden, positions, cache, prefill=False)
         tokens.append(int(runner.logits(hidden[0, -1]).argmax()))
     return ReferenceResult(
-        tokens, kept, first_logits, prefill_seconds, layer_tokens, kept_positions
+        tokens, kept, first_logits, prefill_seconds, layer_tokens, kept_positions, block_scores
     )

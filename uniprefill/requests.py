@@ -83,10 +83,4 @@ def request_p(config: UniPrefillConfig, sampling_params: Any) -> float:
 
 def will_prune(config: UniPrefillConfig, p: float, prompt_len: int) -> bool:
     """Whether a fresh prompt of `prompt_len` tokens, asking for `p`, is scored at drop layers."""
-    return bool(config.drop_layers) and prunable_mask(
-        prompt_len,
-        p=p,
-        sink=config.sink,
-        last_q=config.last_q,
-        min_prompt_len=config.min_prompt_len,
-    )
+    return bool(config.drop_layers) and prunable_mask(prompt_len, p=p, rule=config.rule)

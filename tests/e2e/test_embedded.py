@@ -5,12 +5,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import httpx
 import openai
 import psutil
 import pytest
 
-from tests.e2e.procs import running_server
+from tests.e2e.helpers import running_server, served_pruning_state
 from uniprefill import models, serve
 
 QWEN = "qwen2.5-coder-0.5b-instruct"
@@ -116,12 +115,9 @@ def test_pruned_long_prompt_still_gets_the_passkey(main_job):
     assert pruned.usage.prompt_tokens > 1500  # above the default min_prompt_len (1024)
     assert PASSKEY in unpruned.choices[0].message.content
     assert PASSKEY in pruned.choices[0].message.content
-    rpc = httpx.post(
-        f"http://127.0.0.1:{port}/collective_rpc", json={"method": "uniprefill_requests"}
-    )
-    (worker,) = rpc.json()["results"]
-    assert worker["live"] == {}
-    (kept,) = [k for _, k in worker["recent"] if k[0] == pruned.usage.prompt_tokens]
+    live, recent = served_pruning_state(port)
+    assert live == {}
+    (kept,) = [k for k in recent if k[0] == pruned.usage.prompt_tokens]
     assert len(kept) == 5 and kept[-1] < kept[0]  # 4 auto drop layers, tokens removed
 
 

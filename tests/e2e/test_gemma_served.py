@@ -2,11 +2,10 @@
 uniprefill`: a long prompt is pruned at its global layers and the model still answers, through
 the `openai` client."""
 
-import httpx
 import openai
 import pytest
 
-from tests.e2e.procs import running_server
+from tests.e2e.helpers import running_server, served_pruning_state
 from tests.e2e.test_embedded import PROSE
 from uniprefill import serve
 
@@ -53,12 +52,9 @@ def test_pruned_long_prompt_is_continued_like_the_unpruned_one(server):
     assert unpruned.choices[0].text.strip().startswith("Thursday")
     assert pruned.choices[0].text.strip().startswith("Thursday")
 
-    rpc = httpx.post(
-        f"http://127.0.0.1:{port}/collective_rpc", json={"method": "uniprefill_requests"}
-    )
-    (worker,) = rpc.json()["results"]
-    assert worker["live"] == {}
-    (kept,) = [k for _, k in worker["recent"] if k[0] == pruned.usage.prompt_tokens]
+    live, recent = served_pruning_state(port)
+    assert live == {}
+    (kept,) = [k for k in recent if k[0] == pruned.usage.prompt_tokens]
     assert len(kept) == 2 and kept[-1] < kept[0]  # one drop, at global layer 11 of 18
     log = log_path.read_text()
     assert "[gemma3]" in log and "keep their sliding-window KV blocks" in log

@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tests.conftest import TINY_MODELS
-from tests.e2e.procs import run_offline
+from tests.e2e.helpers import VLLM_DTYPE, run_offline, vllm_dtype
 from uniprefill import models
 from uniprefill.models import store
 
@@ -18,7 +18,6 @@ EXPECTED = {
     "tiny-gemma3": ("Gemma3ForCausalLM", {"sliding_attention", "full_attention"}),
     "tiny-qwen3-next": ("Qwen3NextForCausalLM", {"linear_attention", "full_attention"}),
 }
-VLLM_DTYPE = {"tiny-qwen3-next": "bfloat16"}  # vLLM's CPU GDN kernels run only in bf16
 SHORT = "The quick brown fox jumps over the lazy dog"
 
 
@@ -50,7 +49,7 @@ def test_tiny_model_is_deterministic_and_of_its_family(prepared, name, tmp_path,
 def test_tiny_model_runs_in_vllm(prepared, name):
     path = prepared(name)
     long_prompt = " ".join([SHORT] * 300)  # ~3K tokens: several sliding windows and blocks
-    result, _ = run_offline(path, "plain", [SHORT, long_prompt], VLLM_DTYPE.get(name, "float32"))
+    result, _ = run_offline(path, "plain", [SHORT, long_prompt], vllm_dtype(name))
     short_tokens, long_tokens = result["tokens"]
     assert len(short_tokens) == len(long_tokens) == 16
     if name not in VLLM_DTYPE:  # float32 on both sides: vLLM equals transformers

@@ -1,8 +1,10 @@
-"""Pruned prefill inside real vLLM engines (CPU backend, tiny full-attention models).
+"""Pruned prefill inside real vLLM engines (CPU backend), one tiny model per family: full
+attention (Llama, Qwen2), sliding-window/full (Gemma 3), linear/full (Qwen3-Next).
 
-Against the PyTorch reference path (same model, same prompts: same keep counts per stage, same
-greedy tokens), against baseline vLLM (pruning off), and inside continuous batching (a pruned
-prefill in the same step as other requests' decodes gives each request its solo tokens).
+Against the PyTorch reference path (same model, same prompts: the same keep counts per stage,
+within the kernels' rounding margin, and then the same greedy tokens), against baseline vLLM
+(pruning off), and inside continuous batching (a pruned prefill in the same step as other
+requests' decodes gives each request its solo tokens).
 """
 
 import pytest
@@ -10,7 +12,9 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 from vllm import LLM, SamplingParams
 
-from tests.e2e.procs import offline_llm
+from tests.conftest import TINY_MODELS
+from tests.e2e.helpers import offline_llm, pruning_state, vllm_dtype
+from tests.selection_margin import assert_keep_counts_agree
 from uniprefill.config import UniPrefillConfig
 from uniprefill.families import layer_types
 from uniprefill.reference import generate
@@ -19,12 +23,16 @@ from uniprefill.reference import generate
 SETTINGS = {"p": 0.9, "min_prompt_len": 256, "sink": 64, "last_q": 32, "block_size": 16}
 LENGTHS = (1500, 40, 900, 300)  # 40 is below min_prompt_len: never pruned
 MAX_TOKENS = 8
-FAMILIES = ("tiny-llama", "tiny-qwen2", "tiny-gemma3", "tiny-qwen3-next")
-DTYPE = {"tiny-qwen3-next": torch.bfloat16}  # vLLM's CPU GDN kernels run only in bfloat16
+# Relative error of a block's mass between vLLM's kernels and the reference path's. bfloat16:
+# tiny-qwen3-next's masses in bf16 and float32 on the reference path differ by up to 1.3%, and
+# vLLM's bf16 kernels differ by CPU (AVX-512 BF16 and AMX CPUs run other GDN and conv kernels).
+# Loose for Qwen3-Next: a random model attends almost evenly, so many blocks sit within 3% of the
+# threshold; its exact checks are against baseline vLLM and solo runs.
+MASS_TOLERANCE = {"float32": 1e-3, "bfloat16": 3e-2}
 # In bfloat16, vLLM's and transformers' Gated DeltaNet kernels round differently: unpruned, their
 # greedy tokens already part at the first or second token. There only keep counts are compared
 # with the reference; the other tests compare with baseline vLLM and solo runs, exactly.
-COMPARED_TOKENS = {"tiny-qwen3-next": 0}
+COMPARES_TOKENS_WITH_REFERENCE = {"tiny-llama", "tiny-qwen2", "tiny-gemma3"}
 
 
 def prompts(lengths=LENGTHS, seed=0) -> list[list[int]]:
@@ -42,16 +50,12 @@ def tokens_of(outputs) -> list[list[int]]:
     return [list(out.outputs[0].token_ids) for out in outputs]
 
 
-def dtype_of(model_dir) -> torch.dtype:
-    return DTYPE.get(model_dir.name, torch.float32)
-
-
 def _llm(model_dir, **extra):
-    dtype = str(dtype_of(model_dir)).removeprefix("torch.")
+    dtype = vllm_dtype(model_dir.name)
     return offline_llm(model=str(model_dir), dtype=dtype, max_model_len=4096, seed=0, **extra)
 
 
-@pytest.fixture(scope="module", params=FAMILIES)
+@pytest.fixture(scope="module", params=TINY_MODELS)
 def family(request, prepared):
     return request.param, prepared(request.param)
 
@@ -70,34 +74,48 @@ def baseline_tokens(family):
 
 
 def live_and_recent(llm: LLM) -> tuple[dict, dict]:
-    """The worker's pruned requests still holding state, and recent keep counts, by the ids the
-    caller gave (the engine appends a random suffix to each)."""
-    (state,) = llm.collective_rpc("uniprefill_requests")
-    return (
-        {k.rsplit("-", 1)[0]: v for k, v in state["live"].items()},
-        {k.rsplit("-", 1)[0]: v for k, v in state["recent"]},
-    )
+    """The worker's pruned requests still holding state, and recent keep counts."""
+    (worker,) = llm.collective_rpc("uniprefill_requests")
+    return pruning_state(worker)
+
+
+def test_runner_has_every_attribute_uniprefill_reads(engine):
+    (status,) = engine.collective_rpc("uniprefill_status")
+    assert status["runner_missing_attributes"] == []
 
 
 def test_pruned_requests_keep_what_the_reference_keeps_and_say_the_same(engine, family):
+    """Keep counts agree drop by drop, up to blocks within rounding of the rule's threshold
+    (tests/selection_margin.py); where every drop's kept set is determined, so are the tokens."""
+    name, model_dir = family
     batch = prompts()
     outputs = engine.generate([{"prompt_token_ids": p} for p in batch], greedy())
     live, recent = live_and_recent(engine)
     assert live == {}  # every request finished: nothing left behind
 
-    model = AutoModelForCausalLM.from_pretrained(family[1], dtype=dtype_of(family[1])).eval()
+    dtype = vllm_dtype(name)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).eval()
     config = UniPrefillConfig.from_dict(SETTINGS).resolve(layer_types(model.config))
-    pruned = 0
+    determined = pruned = 0
     for prompt, output in zip(batch, outputs, strict=True):
         ref = generate(model, torch.tensor(prompt), config=config, max_new_tokens=MAX_TOKENS)
-        compared = COMPARED_TOKENS.get(family[0], MAX_TOKENS)
-        assert list(output.outputs[0].token_ids)[:compared] == ref.tokens[:compared], len(prompt)
-        if ref.kept_per_stage[-1] < len(prompt):
-            assert recent[output.request_id] == ref.kept_per_stage
-            pruned += 1
-        else:
-            assert output.request_id not in recent
-    assert pruned == 3  # all but the 40-token prompt
+        unpruned = [len(prompt)] * (len(config.drop_layers) + 1)  # the worker lists pruned ones
+        kept = recent.get(output.request_id, unpruned)
+        pruned += kept[-1] < kept[0]
+        if assert_keep_counts_agree(
+            kept,
+            ref.kept_per_stage,
+            ref.block_scores,
+            p=config.p,
+            rule=config.rule,
+            tolerance=MASS_TOLERANCE[dtype],
+        ):
+            determined += 1
+            if name in COMPARES_TOKENS_WITH_REFERENCE:
+                assert list(output.outputs[0].token_ids) == ref.tokens, len(prompt)
+    assert pruned >= 2  # the 1500- and 900-token prompts at least: the engine does prune
+    if name in COMPARES_TOKENS_WITH_REFERENCE:  # float32: the comparison is exact, not vacuous
+        assert determined == len(batch)
 
 
 @pytest.mark.parametrize(

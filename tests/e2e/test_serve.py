@@ -6,7 +6,7 @@ import openai
 import psutil
 import pytest
 
-from tests.e2e.procs import lines_from, running_server
+from tests.e2e.helpers import lines_from, running_server
 from uniprefill import serve
 
 ENGINE_ARGS = ["--max-model-len", "4096", "--enforce-eager"]

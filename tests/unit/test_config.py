@@ -3,6 +3,7 @@
 import pytest
 
 from uniprefill.config import UniPrefillConfig, auto_drop_layers
+from uniprefill.ops import SelectionRule
 
 FULL, SLIDING, LINEAR = "full_attention", "sliding_attention", "linear_attention"
 
@@ -16,10 +17,10 @@ def test_defaults_follow_the_paper_rule():
 @pytest.mark.parametrize(
     ("raw", "message"),
     [
-        ({"p": 0.0}, r"p must be in \(0, 1\]"),
+        ({"p": 0.0}, r"^uniprefill\.p must be in \(0, 1\]"),
         ({"p": 1.5}, r"p must be in \(0, 1\]"),
         ({"p": "high"}, "p must be a number"),
-        ({"block_size": 48}, "block_size must be a power of two"),
+        ({"block_size": 48}, r"^uniprefill\.block_size must be a power of two"),
         ({"block_size": 0}, "block_size must be a power of two"),
         ({"sink": -1}, "sink must be a non-negative integer"),
         ({"last_q": -5}, "last_q must be a non-negative integer"),
@@ -40,6 +41,15 @@ def test_defaults_follow_the_paper_rule():
 def test_bad_settings_are_rejected_with_what_to_fix(raw, message):
     with pytest.raises(ValueError, match=message):
         UniPrefillConfig.from_dict(raw)
+
+
+def test_rule_is_what_the_operator_takes():
+    config = UniPrefillConfig(
+        block_size=32, sink=8, last_q=4, min_prompt_len=10, normalize_over="unforced_blocks"
+    )
+    assert config.rule == SelectionRule(
+        block_size=32, sink=8, last_q=4, min_prompt_len=10, normalize_over="unforced_blocks"
+    )
 
 
 def test_round_trip_through_dict():

@@ -1,10 +1,14 @@
-"""The core package imports no vLLM; the version gate names the one supported release."""
+"""Layering: the core package imports no vLLM, imports run one way (no loops, nothing up to the
+plugin entry point); the version gate names the one supported release."""
 
+import ast
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
+import uniprefill
 from uniprefill.vllm_glue.version import SUPPORTED_VLLM, check_vllm_version
 
 
@@ -42,3 +46,28 @@ def test_vllm_command_starts_on_the_cpu_build():
     cmd = [vllm_executable(), "--version"]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     assert out.strip().splitlines()[-1] == importlib.metadata.version("vllm")
+
+
+def _imported_modules(path: Path) -> set[str]:
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            found |= {node.module, *(f"{node.module}.{alias.name}" for alias in node.names)}
+        elif isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+    return found
+
+
+def test_glue_never_imports_the_plugin_entry_point_and_model_builders_not_the_catalog():
+    """The entry point sits on top of vllm_glue and the scheduler; the catalog on top of the
+    model builders (no import loops)."""
+    root = Path(uniprefill.__file__).parent
+    below_plugin = [
+        *(root / "vllm_glue").glob("*.py"),
+        *(root.parent / "scheduler_patches").glob("*.py"),
+    ]
+    for path in below_plugin:
+        assert "uniprefill.plugin" not in _imported_modules(path), path
+    for path in (root / "models").glob("*.py"):
+        if path.name != "__init__.py" and path.name != "catalog.py":
+            assert "uniprefill.models.catalog" not in _imported_modules(path), path

@@ -59,7 +59,7 @@ def test_pruning_compounds_and_later_layers_see_only_kept_tokens(model):
 def test_selection_backends_agree_inside_the_model(model):
     config = UniPrefillConfig(p=0.9, **RULE).resolve(layer_types(model.config))
     fast = generate(model, prompt(1), config=config, max_new_tokens=4, backend="torch")
-    oracle = generate(model, prompt(1), config=config, max_new_tokens=4, backend="reference")
+    oracle = generate(model, prompt(1), config=config, max_new_tokens=4, backend="oracle")
     assert fast.kept_per_stage == oracle.kept_per_stage and fast.tokens == oracle.tokens
 
 

@@ -2,26 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 from uniprefill.models import store
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    name: str
-    architecture: str  # the Hugging Face architecture name vLLM will load
-    description: str
-    recipe: str  # changes whenever `build` would produce different files
-    build: Callable[[Path], None]  # writes a complete HF model directory into an empty dir
+from uniprefill.models.embedded import EMBEDDED
+from uniprefill.models.spec import ModelSpec
+from uniprefill.models.tiny import TINY
 
 
 def _all_specs() -> dict[str, ModelSpec]:
-    from uniprefill.models.embedded import EMBEDDED
-    from uniprefill.models.tiny import TINY
-
     return {spec.name: spec for spec in (*EMBEDDED, *TINY)}
 
 

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
-from uniprefill.models.catalog import ModelSpec
+from uniprefill.models.spec import ModelSpec
 
 # Bump whenever the conversion would write different files from the same GGUF.
 CONVERTER_VERSION = 1

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from uniprefill.models import tokenizer as tok
-from uniprefill.models.catalog import ModelSpec
+from uniprefill.models.spec import ModelSpec
 
 # Bump whenever `_build` (or anything it relies on) would write different files.
 GENERATOR_VERSION = 1

@@ -11,11 +11,12 @@ One mechanism for every family, put on the loaded model as module hooks:
 - the model's output is scattered back to the step's row count, so vLLM's logits indices (each
   request's last row, which is always kept) stay valid.
 
-KV layout (DESIGN.md 1.3): for a pruned request, a layer of stage s holds its kept_s prompt
-tokens at the front of the request's blocks, then the generated tokens. The worker keeps each
-pruned request's per-stage offset (prompt_len - kept_s) until the request finishes, is aborted or
-is preempted. A preempted request is recomputed by vLLM from scratch; it is pruned again only if
-it had produced no token yet (then it is the same fresh prompt), otherwise it runs unpruned.
+KV layout (docs/design/selection.md, section 3): for a pruned request, a layer of stage s holds
+its kept_s prompt tokens at the front of the request's blocks, then the generated tokens. The
+worker keeps each pruned request's per-stage offset (prompt_len - kept_s) until the request
+finishes, is aborted or is preempted. A preempted request is recomputed by vLLM from scratch; it
+is pruned again only if it had produced no token yet (then it is the same fresh prompt),
+otherwise it runs unpruned.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from vllm.v1.worker.block_table import SlotMappingMode
 from uniprefill.config import CONFIG_KEY, UniPrefillConfig
 from uniprefill.ops import select_tokens
 from uniprefill.requests import request_p
+from uniprefill.vllm_glue.coupling import raise_if_missing, runner_missing_attributes
 from uniprefill.vllm_glue.log import get_logger
 
 logger = get_logger(__name__)
@@ -62,8 +64,10 @@ class Pruner:
     """UniPrefill on one model runner: hooks on its model, and per-request KV offsets."""
 
     def __init__(self, runner: Any, config: UniPrefillConfig):
+        raise_if_missing(runner_missing_attributes(runner), "model runner")
         self.runner = runner
         self.config = config
+        self.rule = config.rule
         self.drops = tuple(config.drop_layers)
         self.offsets: dict[str, list[int]] = {}  # live pruned requests -> offset per stage 1..S
         self.recent: deque[tuple[str, list[int]]] = deque(maxlen=RECENT_PRUNES)
@@ -133,11 +137,7 @@ class Pruner:
                 k[:rows].view(rows, attention.num_kv_heads, attention.head_size),
                 step.query_start_loc.to(step.positions.device),
                 p=step.p,
-                block_size=self.config.block_size,
-                sink=self.config.sink,
-                last_q=self.config.last_q,
-                min_prompt_len=self.config.min_prompt_len,
-                normalize_over=self.config.normalize_over,
+                rule=self.rule,
             )
             kept = selection.kept_indices
             compacted = kept.numel() < rows

@@ -11,6 +11,7 @@ import os
 from typing import Any
 
 from uniprefill.config import CONFIG_KEY
+from uniprefill.vllm_glue.coupling import runner_missing_attributes
 from uniprefill.vllm_glue.patches import applied_patches, apply_patches
 from uniprefill.vllm_glue.pruning import pruner_of
 
@@ -19,15 +20,16 @@ apply_patches("worker")
 
 class UniPrefillWorkerExtension:
     vllm_config: Any  # provided by the worker class this is mixed into
+    model_runner: Any
 
     def uniprefill_status(self) -> dict[str, Any]:
-        """What this worker process sees: its pid, whether the plugin loaded here, settings."""
-        from uniprefill import plugin
-
+        """What this worker process sees: its pid, the vLLM patches applied here, settings, and
+        what the model runner lacks of the vLLM attributes UniPrefill reads (empty unless vLLM
+        drifted)."""
         return {
             "pid": os.getpid(),
-            "plugin_registered": plugin.is_registered(),
             "patches": applied_patches(),
+            "runner_missing_attributes": runner_missing_attributes(self.model_runner),
             "config": self.vllm_config.additional_config.get(CONFIG_KEY),
         }
 

@@ -1,7 +1,8 @@
 """`select_tokens`: which tokens a drop layer keeps, for a whole varlen batch.
 
-Backends compute block scores ("reference" is the plain oracle and does everything itself);
-"auto" picks the fastest one available for the inputs' device.
+Backends compute block scores ("oracle" is the plain loop and does everything itself);
+"auto" picks the fastest one available for the inputs' device. The rule's settings come as one
+`SelectionRule`, checked when it is built; p comes apart, as it may differ per request.
 """
 
 from __future__ import annotations
@@ -10,14 +11,14 @@ from collections.abc import Callable
 
 import torch
 
-from uniprefill.config import UniPrefillConfig
 from uniprefill.ops.select.common import (
     Selection,
     keep_from_block_scores,
     prunable_mask,
     selection_from_keep,
 )
-from uniprefill.ops.select.reference import select_tokens_reference
+from uniprefill.ops.select.oracle import select_tokens_oracle
+from uniprefill.ops.select.rule import SelectionRule, check_p
 from uniprefill.ops.select.torch_scores import block_scores_torch
 
 BlockScoreFn = Callable[..., torch.Tensor]
@@ -28,7 +29,7 @@ try:
     BLOCK_SCORE_BACKENDS["triton"] = block_scores_triton
 except ImportError:  # no triton: the torch backend serves every device
     pass
-BACKENDS = ("reference", *BLOCK_SCORE_BACKENDS)
+BACKENDS = ("oracle", *BLOCK_SCORE_BACKENDS)
 
 
 def available_backends() -> tuple[str, ...]:
@@ -60,10 +61,10 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, cu_seqlens: torch.Tensor) ->
         )
 
 
-def _check_p(p: float | torch.Tensor, cu_seqlens: torch.Tensor) -> float:
-    """Check a per-request p tensor here; return a scalar for UniPrefillConfig's shared checks."""
+def _check_p(p: float | torch.Tensor, cu_seqlens: torch.Tensor) -> None:
     if not isinstance(p, torch.Tensor):
-        return p
+        check_p(p)
+        return
     if (
         p.shape != (cu_seqlens.numel() - 1,)
         or p.dtype != torch.float32
@@ -75,7 +76,6 @@ def _check_p(p: float | torch.Tensor, cu_seqlens: torch.Tensor) -> float:
         )
     if p.numel() and not bool(((p > 0) & (p <= 1)).all()):
         raise ValueError(f"every p must be in (0, 1]; got {p.tolist()}")
-    return 1.0
 
 
 def select_tokens(
@@ -84,61 +84,40 @@ def select_tokens(
     cu_seqlens: torch.Tensor,
     *,
     p: float | torch.Tensor,
-    block_size: int,
-    sink: int,
-    last_q: int,
-    min_prompt_len: int = 0,
+    rule: SelectionRule,
     reduce_block_scores: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    normalize_over: str = "all_blocks",
     backend: str = "auto",
 ) -> Selection:
-    """Select the tokens to keep at a drop layer (DESIGN.md 1.1), for B requests of T tokens.
+    """Select the tokens to keep at a drop layer (docs/design/selection.md), for B requests of T
+    tokens.
 
     q: [T, Hq, d] rotated queries; k: [T, Hk, d] rotated keys (Hq a multiple of Hk); any float
     dtype. cu_seqlens: [B + 1] integer offsets of each request's tokens. Requests of length
-    <= sink + last_q or < min_prompt_len (decode rows among them) are kept whole; p = 1 keeps all.
+    <= rule.sink + rule.last_q or < rule.min_prompt_len (decode rows among them) are kept whole;
+    p = 1 keeps all.
     p: one value for every request, or a [B] float32 tensor (per-request p; 1.0 = keep whole).
     reduce_block_scores: called once with the float32 [B, max_blocks] block scores of this
     rank's heads; must return their sum over the tensor-parallel group (e.g. an all-reduce), so
     every rank keeps the same tokens.
-    normalize_over: "all_blocks" (the paper's rule) or "unforced_blocks" (top-p mass counted
-    only over blocks not wholly inside the sink or the last queries).
     """
-    UniPrefillConfig(
-        p=_check_p(p, cu_seqlens),
-        block_size=block_size,
-        sink=sink,
-        last_q=last_q,
-        min_prompt_len=min_prompt_len,
-        normalize_over=normalize_over,
-    )
+    _check_p(p, cu_seqlens)
     _check_inputs(q, k, cu_seqlens)
-    settings = dict(
-        p=p, block_size=block_size, sink=sink, last_q=last_q, normalize_over=normalize_over
-    )
-    if backend == "reference":
-        return select_tokens_reference(
-            q,
-            k,
-            cu_seqlens,
-            **settings,
-            min_prompt_len=min_prompt_len,
-            reduce_block_scores=reduce_block_scores,
+    if backend == "oracle":
+        return select_tokens_oracle(
+            q, k, cu_seqlens, p=p, rule=rule, reduce_block_scores=reduce_block_scores
         )
     if backend == "auto":  # Triton on GPUs; on CPU it would run interpreted, so vectorised torch
         backend = "triton" if q.is_cuda and "triton" in BLOCK_SCORE_BACKENDS else "torch"
     if backend not in BLOCK_SCORE_BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; available: auto, {', '.join(BACKENDS)}")
-    prunable = prunable_mask(
-        cu_seqlens.long().diff(), p=p, sink=sink, last_q=last_q, min_prompt_len=min_prompt_len
-    )
+    prunable = prunable_mask(cu_seqlens.long().diff(), p=p, rule=rule)
     block_scores = BLOCK_SCORE_BACKENDS[backend](
-        q, k, cu_seqlens, prunable, block_size=block_size, last_q=last_q
+        q, k, cu_seqlens, prunable, block_size=rule.block_size, last_q=rule.last_q
     )
     if reduce_block_scores is not None:
         block_scores = reduce_block_scores(block_scores)
-    keep = keep_from_block_scores(block_scores, cu_seqlens, prunable, **settings)
-    return selection_from_keep(keep, cu_seqlens)
+    keep = keep_from_block_scores(block_scores, cu_seqlens, prunable, p=p, rule=rule)
+    return selection_from_keep(keep, cu_seqlens, block_scores)
 
 
-__all__ = ["BACKENDS", "Selection", "available_backends", "select_tokens"]
+__all__ = ["BACKENDS", "Selection", "SelectionRule", "available_backends", "select_tokens"]

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
+from uniprefill.ops.select.rule import SelectionRule
+
 
 @dataclass(frozen=True)
 class Selection:
@@ -17,40 +19,37 @@ class Selection:
 
     keep: [T] bool, token t survives. kept_indices: [T_kept] int64, ascending.
     lens: [B] int32, survivors per request. cu_seqlens: [B + 1] int32, their cumulative offsets.
+    block_scores: [B, max_blocks] float32, the scores top-p ran on (zero for requests not pruned).
     """
 
     keep: torch.Tensor
     kept_indices: torch.Tensor
     lens: torch.Tensor
     cu_seqlens: torch.Tensor
+    block_scores: torch.Tensor
 
 
 def prunable_mask(
-    lens: torch.Tensor | int,
-    *,
-    p: float | torch.Tensor,
-    sink: int,
-    last_q: int,
-    min_prompt_len: int,
+    lens: torch.Tensor | int, *, p: float | torch.Tensor, rule: SelectionRule
 ) -> torch.Tensor | bool:
     """[B] bool: a request is pruned only if something can go (decode rows never can).
 
     p: one value for all requests, or [B] float32 per request. Plain ints and floats in give a
     plain bool (how the engine core decides before any tensor exists).
     """
-    return (lens > sink + last_q) & (lens >= min_prompt_len) & (p < 1.0)
+    return (lens > rule.sink + rule.last_q) & (lens >= rule.min_prompt_len) & (p < 1.0)
 
 
-def forced_blocks(
-    block: torch.Tensor, lens: torch.Tensor, *, block_size: int, sink: int, last_q: int
-) -> torch.Tensor:
+def forced_blocks(block: torch.Tensor, lens: torch.Tensor, rule: SelectionRule) -> torch.Tensor:
     """[B, len(block)] bool: block lies entirely in the sink or in the last queries."""
-    in_sink = (block + 1) * block_size <= sink
-    in_tail = block * block_size >= (lens - last_q)[:, None]
+    in_sink = (block + 1) * rule.block_size <= rule.sink
+    in_tail = block * rule.block_size >= (lens - rule.last_q)[:, None]
     return in_sink[None, :] | in_tail
 
 
-def selection_from_keep(keep: torch.Tensor, cu_seqlens: torch.Tensor) -> Selection:
+def selection_from_keep(
+    keep: torch.Tensor, cu_seqlens: torch.Tensor, block_scores: torch.Tensor
+) -> Selection:
     kept_before = torch.zeros(keep.numel() + 1, dtype=torch.int64, device=keep.device)
     torch.cumsum(keep, dim=0, out=kept_before[1:])
     new_cu = kept_before[cu_seqlens.long()].to(torch.int32)
@@ -59,6 +58,7 @@ def selection_from_keep(keep: torch.Tensor, cu_seqlens: torch.Tensor) -> Selecti
         kept_indices=keep.nonzero().squeeze(1),
         lens=new_cu.diff(),
         cu_seqlens=new_cu,
+        block_scores=block_scores,
     )
 
 
@@ -68,10 +68,7 @@ def keep_from_block_scores(
     prunable: torch.Tensor,
     *,
     p: float | torch.Tensor,
-    block_size: int,
-    sink: int,
-    last_q: int,
-    normalize_over: str = "all_blocks",
+    rule: SelectionRule,
 ) -> torch.Tensor:
     """Top-p over each request's blocks, then forced tokens. Returns keep: [T] bool.
 
@@ -80,12 +77,11 @@ def keep_from_block_scores(
     """
     cu = cu_seqlens.long()
     lens = cu.diff()
-    num_blocks = (lens + block_size - 1) // block_size
+    num_blocks = (lens + rule.block_size - 1) // rule.block_size
     block = torch.arange(block_scores.shape[1], device=cu.device)
     real_block = block < num_blocks[:, None]
-    if normalize_over == "unforced_blocks":
-        forced_block = forced_blocks(block, lens, block_size=block_size, sink=sink, last_q=last_q)
-        block_scores = block_scores.masked_fill(forced_block, 0.0)
+    if rule.normalize_over == "unforced_blocks":
+        block_scores = block_scores.masked_fill(forced_blocks(block, lens, rule), 0.0)
     mass = block_scores / block_scores.sum(dim=1, keepdim=True).clamp_min(1e-30)
     # Stable descending sort: equal scores keep block order, so ties go to the earlier block.
     sorted_mass, order = torch.sort(mass, dim=1, descending=True, stable=True)
@@ -96,5 +92,5 @@ def keep_from_block_scores(
     tokens = torch.arange(int(cu[-1]), device=cu.device)
     request = torch.searchsorted(cu[1:], tokens, right=True)
     pos = tokens - cu[request]
-    forced = (pos < sink) | (pos >= lens[request] - last_q) | ~prunable[request]
-    return forced | block_keep[request, pos // block_size]
+    forced = (pos < rule.sink) | (pos >= lens[request] - rule.last_q) | ~prunable[request]
+    return forced | block_keep[request, pos // rule.block_size]

@@ -1,4 +1,5 @@
-"""Helpers for tests that read what vLLM's child processes logged."""
+"""What the end-to-end tests share: the tiny families' dtypes, engines and servers that clean up
+after themselves, what vLLM's child processes logged, and the workers' pruning state."""
 
 import json
 import os
@@ -9,9 +10,36 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import httpx
 import psutil
 
 from uniprefill import serve
+
+# vLLM's CPU Gated DeltaNet kernels run only in bfloat16; the other tiny families run in float32,
+# where vLLM and transformers agree token for token.
+VLLM_DTYPE = {"tiny-qwen3-next": "bfloat16"}
+
+
+def vllm_dtype(model: str) -> str:
+    return VLLM_DTYPE.get(model, "float32")
+
+
+def pruning_state(worker: dict) -> tuple[dict, dict]:
+    """A worker's `uniprefill_requests` answer as (live, recent), keyed by request ids as the
+    caller gave them (the engine appends a random suffix to each)."""
+    return (
+        {k.rsplit("-", 1)[0]: v for k, v in worker["live"].items()},
+        {k.rsplit("-", 1)[0]: v for k, v in worker["recent"]},
+    )
+
+
+def served_pruning_state(port: int) -> tuple[dict, list]:
+    """(live, recent keep counts) of a server's one worker, over vLLM's dev-mode /collective_rpc
+    (the server must run with VLLM_SERVER_DEV_MODE=1)."""
+    url = f"http://127.0.0.1:{port}/collective_rpc"
+    (worker,) = httpx.post(url, json={"method": "uniprefill_requests"}).json()["results"]
+    return worker["live"], [kept for _, kept in worker["recent"]]
+
 
 # vLLM prefixes every line a child process logs with "(EngineCore pid=N)", "(VllmWorker-0 pid=N)".
 _PREFIX = re.compile(r"^\((?P<proc>[\w-]+) pid=(?P<pid>\d+)\)")

@@ -1,4 +1,5 @@
-"""The selection rule of DESIGN.md 1.1, written plainly: the oracle every backend is tested against.
+"""The selection rule (docs/design/selection.md), written plainly: the oracle every backend is
+tested against.
 
 One request at a time, float32, the full (last_q x n) probability matrix per head. Slow on purpose.
 """
@@ -11,9 +12,10 @@ from collections.abc import Callable
 import torch
 
 from uniprefill.ops.select.common import Selection, prunable_mask, selection_from_keep
+from uniprefill.ops.select.rule import SelectionRule
 
 
-def token_scores_reference(q_last: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+def token_scores_oracle(q_last: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """How much the last queries attend to each key, summed over queries and heads.
 
     q_last: [last_q, Hq, d], the request's last queries; k: [n, Hk, d], all its keys.
@@ -33,7 +35,7 @@ def token_scores_reference(q_last: torch.Tensor, k: torch.Tensor) -> torch.Tenso
     return scores
 
 
-def top_p_blocks_reference(block_scores: torch.Tensor, p: float) -> torch.Tensor:
+def top_p_blocks_oracle(block_scores: torch.Tensor, p: float) -> torch.Tensor:
     """Keep blocks by descending score while the normalised mass before them is <= p.
 
     Ties go to the lower block index. The top block is always kept. Returns a [nb] bool mask.
@@ -50,32 +52,27 @@ def top_p_blocks_reference(block_scores: torch.Tensor, p: float) -> torch.Tensor
     return keep
 
 
-def select_tokens_reference(
+def select_tokens_oracle(
     q: torch.Tensor,
     k: torch.Tensor,
     cu_seqlens: torch.Tensor,
     *,
     p: float | torch.Tensor,
-    block_size: int,
-    sink: int,
-    last_q: int,
-    min_prompt_len: int = 0,
+    rule: SelectionRule,
     reduce_block_scores: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    normalize_over: str = "all_blocks",
 ) -> Selection:
     """p: one value, or [B] float32 per request."""
+    block_size, sink, last_q = rule.block_size, rule.sink, rule.last_q
     bounds = cu_seqlens.tolist()
     spans = list(zip(bounds[:-1], bounds[1:], strict=True))
     max_blocks = max((math.ceil((e - s) / block_size) for s, e in spans), default=0)
     block_scores = torch.zeros(len(spans), max_blocks)
-    prunable = prunable_mask(
-        cu_seqlens.long().diff(), p=p, sink=sink, last_q=last_q, min_prompt_len=min_prompt_len
-    ).tolist()
+    prunable = prunable_mask(cu_seqlens.long().diff(), p=p, rule=rule).tolist()
     pruned = []
     for r, (start, end) in enumerate(spans):
         n = end - start
         if prunable[r]:
-            scores = token_scores_reference(q[end - last_q : end], k[start:end])
+            scores = token_scores_oracle(q[end - last_q : end], k[start:end])
             for b in range(math.ceil(n / block_size)):
                 block_scores[r, b] = scores[b * block_size : (b + 1) * block_size].sum()
             pruned.append(r)
@@ -87,13 +84,13 @@ def select_tokens_reference(
         start, end = spans[r]
         n = end - start
         scores = block_scores[r, : math.ceil(n / block_size)].clone()
-        if normalize_over == "unforced_blocks":  # blocks wholly inside sink or tail drop out
+        if rule.normalize_over == "unforced_blocks":  # blocks wholly inside sink or tail drop out
             for b in range(len(scores)):
                 if (b + 1) * block_size <= sink or b * block_size >= n - last_q:
                     scores[b] = 0.0
-        kept_blocks = top_p_blocks_reference(scores, float(p[r]) if torch.is_tensor(p) else p)
+        kept_blocks = top_p_blocks_oracle(scores, float(p[r]) if torch.is_tensor(p) else p)
         request_keep = kept_blocks.repeat_interleave(block_size)[:n]
         request_keep[:sink] = True
         request_keep[n - last_q :] = True
         keep[start:end] = request_keep
-    return selection_from_keep(keep, cu_seqlens)
+    return selection_from_keep(keep, cu_seqlens, block_scores)

@@ -1,0 +1,313 @@
+"""The ledger: every vLLM symbol UniPrefill depends on, in one place, as data.
+
+vLLM makes no promise about any of these; they are what ties UniPrefill to one vLLM release.
+- PATCHES: class attributes UniPrefill rebinds (applied by `patches.py`);
+- OVERRIDES: vLLM methods UniPrefill's scheduler overrides or rebinds on an instance;
+- IMPORTS: vLLM internals imported by name (signatures for the callables called);
+- FIELDS: dataclass fields read or written;
+- CONFIG_ATTRIBUTES, RUNNER_ATTRIBUTES, SCHEDULER_ATTRIBUTES, REQUEST_ATTRIBUTES: attributes read
+  on live objects, some of which exist only once an engine is built; the scheduler and the
+  pruner check theirs when they start (`raise_if_missing`).
+
+A signature is the parameter names the code was written for. `tests/unit/test_vllm_coupling.py`
+checks every entry against the installed vLLM, and that the code uses nothing unlisted, so a
+vLLM change fails one named test instead of an engine. Code that couples to more of vLLM adds
+its symbols here.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from uniprefill.vllm_glue.version import SUPPORTED_VLLM
+
+SCOPES = ("plugin", "frontend", "worker")
+
+
+@dataclass(frozen=True)
+class Patch:
+    """A class attribute rebound to `wrap(original)`.
+
+    scope: which processes rebind it. "plugin": every vLLM process, when the plugin loads (inert
+    unless UniPrefill is enabled); "frontend": the process that builds the engine config, once it
+    has enabled UniPrefill; "worker": worker processes of an engine with UniPrefill enabled.
+    """
+
+    target: str  # "module:Class.attribute"
+    wrap: str  # "module:function" taking the original and returning its replacement
+    signature: tuple[str, ...]  # the original's parameters
+    why: str
+    scope: str = "plugin"
+    remove_when: str = "never: no upstream hook exists"
+
+
+@dataclass(frozen=True)
+class Override:
+    """A vLLM method UniPrefill replaces in a subclass or on an instance."""
+
+    target: str  # "module:Class.method"
+    signature: tuple[str, ...]
+    where: str  # the code that overrides it
+    why: str
+
+
+PATCHES: tuple[Patch, ...] = (
+    Patch(
+        target="vllm.engine.arg_utils:EngineArgs.add_cli_args",
+        wrap="uniprefill.vllm_glue.engine_args:wrap_add_cli_args",
+        signature=("parser",),
+        why="adds `--plugin NAME` so `vllm serve MODEL --plugin uniprefill` enables UniPrefill",
+        remove_when="vLLM grows a way for general plugins to add CLI options",
+    ),
+    Patch(
+        target="vllm.engine.arg_utils:EngineArgs.from_cli_args",
+        wrap="uniprefill.vllm_glue.engine_args:wrap_from_cli_args",
+        signature=("cls", "args"),
+        why="turns `--plugin uniprefill` into additional_config['uniprefill'] (not a dataclass "
+        "field, so vLLM drops it)",
+        remove_when="vLLM grows a way for general plugins to add CLI options",
+    ),
+    Patch(
+        target="vllm.engine.arg_utils:EngineArgs.create_engine_config",
+        wrap="uniprefill.vllm_glue.engine_args:wrap_create_engine_config",
+        signature=("self", "usage_context", "headless"),
+        why="validates UniPrefill settings against the model before any engine starts, resolves "
+        "drop layers, and selects the UniPrefill scheduler and worker extension",
+    ),
+    Patch(
+        target="vllm.v1.engine.input_processor:InputProcessor._validate_params",
+        wrap="uniprefill.vllm_glue.request_checks:wrap_validate_params",
+        signature=("self", "params", "supported_tasks"),
+        why="rejects bad per-request UniPrefill fields (vllm_xargs / extra_args) with a 400 "
+        "naming the field, before the request reaches the engine",
+        scope="frontend",
+        remove_when="vLLM lets general plugins validate extra_args",
+    ),
+    Patch(
+        target="vllm.v1.worker.gpu_model_runner:GPUModelRunner._model_forward",
+        wrap="uniprefill.vllm_glue.pruning:wrap_model_forward",
+        signature=(
+            "self",
+            "input_ids",
+            "positions",
+            "intermediate_tensors",
+            "inputs_embeds",
+            "model_kwargs",
+        ),
+        why="runs each step's forward with pruning (documented override point for runners)",
+        scope="worker",
+    ),
+    Patch(
+        target="vllm.v1.worker.gpu_model_runner:GPUModelRunner._update_states",
+        wrap="uniprefill.vllm_glue.pruning:wrap_update_states",
+        signature=("self", "scheduler_output"),
+        why="drops a request's per-stage KV offsets when it finishes, is aborted or preempted",
+        scope="worker",
+    ),
+)
+
+_SCHEDULER = "vllm.v1.core.sched.scheduler:Scheduler"
+_COORDINATOR = "vllm.v1.core.kv_cache_coordinator:KVCacheCoordinator"
+_OURS = "scheduler_patches/scheduler.py"
+
+OVERRIDES: tuple[Override, ...] = (
+    Override(
+        f"{_SCHEDULER}.__init__",
+        (
+            "self",
+            "vllm_config",
+            "kv_cache_config",
+            "structured_output_manager",
+            "block_size",
+            "hash_block_size",
+            "mm_registry",
+            "include_finished_set",
+            "log_stats",
+        ),
+        _OURS,
+        "reads UniPrefill's settings and rebinds two coordinator methods (below)",
+    ),
+    Override(
+        f"{_SCHEDULER}.add_request",
+        ("self", "request"),
+        _OURS,
+        "marks requests that will be pruned; they skip reading the prefix cache",
+    ),
+    Override(
+        f"{_SCHEDULER}._reserve_prefill_lookahead",
+        ("self", "request", "num_computed_tokens", "num_new_tokens"),
+        _OURS,
+        "a pruned prompt waits for a step that fits it whole instead of being chunked",
+    ),
+    Override(
+        f"{_SCHEDULER}._free_request",
+        ("self", "request", "delay_free_blocks"),
+        _OURS,
+        "forgets a finished pruned request",
+    ),
+    Override(
+        f"{_COORDINATOR}.cache_blocks",
+        ("self", "request", "num_computed_tokens"),
+        _OURS + " (on the instance)",
+        "pruned requests' compacted blocks never enter the prefix cache",
+    ),
+    Override(
+        f"{_COORDINATOR}.remove_skipped_blocks",
+        ("self", "request_id", "processed_computed_tokens", "num_prompt_tokens"),
+        _OURS + " (on the instance)",
+        "pruned requests keep their sliding-window blocks (the window is over compacted KV)",
+    ),
+)
+
+# Internals imported by name, with the parameters of those the code calls (None: a class or
+# enum used for isinstance checks, construction by keyword (FIELDS), or a member).
+IMPORTS: dict[str, tuple[str, ...] | None] = {
+    "vllm.forward_context:get_forward_context": (),
+    "vllm.model_executor.layers.attention:Attention": None,
+    "vllm.model_executor.models.utils:extract_layer_index": ("layer_name", "num_attn_module"),
+    "vllm.v1.attention.backend:CommonAttentionMetadata": None,
+    "vllm.v1.worker.block_table:SlotMappingMode": None,
+    "vllm.v1.core.sched.scheduler:Scheduler": None,
+    "vllm.v1.core.single_type_kv_cache_manager:SlidingWindowManager": None,
+    "vllm.v1.request:Request": None,
+    "vllm.exceptions:VLLMValidationError.__init__": ("self", "message", "parameter", "value"),
+    "vllm.sampling_params:SamplingParams": None,
+}
+
+FIELDS: dict[str, tuple[str, ...]] = {
+    # set or read by engine_args.wrap_create_engine_config
+    "vllm.engine.arg_utils:EngineArgs": (
+        "additional_config",
+        "scheduler_cls",
+        "worker_extension_cls",
+        "enforce_eager",
+        "max_num_batched_tokens",
+        "enable_prefix_caching",
+    ),
+    # built for each stage by pruning.Pruner._set_stage_metadata
+    "vllm.v1.attention.backend:CommonAttentionMetadata": (
+        "query_start_loc",
+        "query_start_loc_cpu",
+        "seq_lens",
+        "seq_lens_cpu_upper_bound",
+        "num_reqs",
+        "num_actual_tokens",
+        "max_query_len",
+        "max_seq_len",
+        "causal",
+        "is_prefilling",
+        "positions",
+        "block_table_tensor",
+        "slot_mapping",
+    ),
+    "vllm.v1.core.sched.output:SchedulerOutput": (
+        "finished_req_ids",
+        "preempted_req_ids",
+        "scheduled_cached_reqs",
+    ),
+    "vllm.v1.core.sched.output:CachedRequestData": ("resumed_req_ids",),
+    "vllm.v1.worker.gpu_input_batch:CachedRequestState": (
+        "sampling_params",
+        "output_token_ids",
+    ),
+}
+
+# Dotted paths from a built VllmConfig (read at start-up by engine_args and the scheduler).
+CONFIG_ATTRIBUTES: tuple[str, ...] = (
+    "additional_config",
+    "model_config.model",
+    "model_config.architectures",
+    "model_config.max_model_len",
+    "model_config.hf_text_config",
+    "cache_config.enable_prefix_caching",
+    "scheduler_config.max_num_batched_tokens",
+    "scheduler_config.long_prefill_token_threshold",
+    "parallel_config.tensor_parallel_size",
+    "parallel_config.pipeline_parallel_size",
+    "speculative_config",
+    "use_v2_model_runner",
+)
+# Dotted paths from the model runner (`GPUModelRunner`; the CPU runner inherits it).
+RUNNER_ATTRIBUTES: tuple[str, ...] = (
+    "model",
+    "model_config.hf_text_config",
+    "kv_cache_config.kv_cache_groups",
+    "attn_groups",
+    "requests",
+    "query_start_loc.cpu",
+    "seq_lens",
+    "optimistic_seq_lens_cpu",
+    "vllm_config.additional_config",
+    "input_batch.num_reqs",
+    "input_batch.req_ids",
+    "input_batch.num_computed_tokens_cpu",
+    "input_batch.num_computed_tokens_cpu_tensor",
+    "input_batch.num_prompt_tokens_cpu_tensor",
+    "input_batch.block_table",
+)
+# Per KV-cache group: runner.input_batch.block_table[gid] and runner.attn_groups[gid][i].
+BLOCK_TABLE_ATTRIBUTES: tuple[str, ...] = ("get_device_tensor", "slot_mapping_mode", "block_size")
+ATTENTION_GROUP_ATTRIBUTES: tuple[str, ...] = ("build_metadata", "layer_names")
+SCHEDULER_ATTRIBUTES: tuple[str, ...] = (
+    "kv_cache_manager.enable_caching",
+    "kv_cache_manager.coordinator.single_type_managers",
+    "kv_cache_manager.coordinator.cache_blocks",
+    "kv_cache_manager.coordinator.remove_skipped_blocks",
+)
+REQUEST_ATTRIBUTES: tuple[str, ...] = (
+    "request_id",
+    "sampling_params",
+    "num_prompt_tokens",
+    "num_output_tokens",
+    "num_tokens",
+    "skip_reading_prefix_cache",
+)
+
+
+def resolve(target: str) -> Any:
+    """The object named "module:Qualified.name" (AttributeError/ImportError if vLLM lacks it)."""
+    module_name, _, qualname = target.partition(":")
+    obj: Any = importlib.import_module(module_name)
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def missing_attributes(obj: Any, paths: Iterable[str]) -> list[str]:
+    """The dotted attribute paths that `obj` lacks."""
+    missing = []
+    for path in paths:
+        value = obj
+        for part in path.split("."):
+            if not hasattr(value, part):
+                missing.append(path)
+                break
+            value = getattr(value, part)
+    return missing
+
+
+def raise_if_missing(missing: list[str], what: str) -> None:
+    """A RuntimeError naming what vLLM's `what` lacks of the ledger, if anything."""
+    if missing:
+        raise RuntimeError(
+            f"UniPrefill was written for vLLM {SUPPORTED_VLLM}, and this vLLM's {what} lacks "
+            f"{', '.join(missing)} (uniprefill/vllm_glue/coupling.py lists what it relies on)"
+        )
+
+
+def runner_missing_attributes(runner: Any) -> list[str]:
+    """What a built model runner lacks of the ledger, including per KV-cache group objects."""
+    missing = missing_attributes(runner, RUNNER_ATTRIBUTES)
+    if missing:
+        return missing
+    for gid, groups in enumerate(runner.attn_groups):
+        table = runner.input_batch.block_table[gid]
+        for name in missing_attributes(table, BLOCK_TABLE_ATTRIBUTES):
+            missing.append(f"input_batch.block_table[{gid}].{name}")
+        for group in groups:
+            for name in missing_attributes(group, ATTENTION_GROUP_ATTRIBUTES):
+                missing.append(f"attn_groups[{gid}][].{name}")
+    return sorted(set(missing))
