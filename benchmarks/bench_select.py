@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 
 import torch
+from machine import machine
 
 from uniprefill import __version__, models
 from uniprefill.ops import SelectionRule, select_tokens
@@ -116,8 +116,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     setup = {
         "uniprefill": __version__,
-        "torch": torch.__version__,
-        "cpu": platform.processor() or platform.machine(),
+        **machine(),
         "threads": torch.get_num_threads(),
         **{k: v for k, v in vars(args).items() if k not in ("json", "plot", "threads")},
     }

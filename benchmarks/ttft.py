@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from machine import machine
 from ruler_tasks import make_sample
 
 from uniprefill import models, serve
@@ -316,6 +317,7 @@ def main() -> None:
     engine_args = dict(dtype=args.dtype, max_model_len=max_len, max_num_batched_tokens=max_len,
                        enforce_eager=True, enable_prefix_caching=False, seed=0)  # fmt: skip
     print(f"# {args.model}, {args.mode}, UniPrefill {resolved.to_dict()}", flush=True)
+    print(f"# {machine()}, vLLM platform {vllm_platform()}", flush=True)
     rows = []
     with engines(args, path, engine_args, resolved.to_dict()) as made:
         for length in args.input_lens:
@@ -333,10 +335,18 @@ def main() -> None:
     print_table(rows)
     if args.json:
         meta = {"model": args.model, "mode": args.mode, "uniprefill": resolved.to_dict(),
-                "engine_args": engine_args, "argv": sys.argv}  # fmt: skip
+                "engine_args": engine_args, "argv": sys.argv, "machine": machine(),
+                "vllm_platform": vllm_platform()}  # fmt: skip
         Path(args.json).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     if args.plot:
         plot(rows, args.plot, f"{args.model} ({args.mode})")
+
+
+def vllm_platform() -> str:
+    """The platform class vLLM runs on here (CpuPlatform, or ZenCpuPlatform on AMD Zen)."""
+    from vllm.platforms import current_platform
+
+    return type(current_platform).__name__
 
 
 if __name__ == "__main__":

@@ -8,36 +8,22 @@ requests' decodes gives each request its solo tokens).
 """
 
 import pytest
-import torch
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig
 from vllm import LLM, SamplingParams
 
 from tests.conftest import TINY_MODELS
-from tests.e2e.helpers import offline_llm, pruning_state, vllm_dtype
-from tests.selection_margin import assert_keep_counts_agree
+from tests.e2e.helpers import (
+    TINY_SETTINGS,
+    check_against_reference,
+    offline_llm,
+    pruning_state,
+    random_prompts,
+    vllm_dtype,
+)
 from uniprefill.config import UniPrefillConfig
 from uniprefill.families import layer_types
-from uniprefill.reference import generate
 
-# Small blocks and sinks so prompts of a few hundred tokens are pruned on the tiny models.
-SETTINGS = {"p": 0.9, "min_prompt_len": 256, "sink": 64, "last_q": 32, "block_size": 16}
-LENGTHS = (1500, 40, 900, 300)  # 40 is below min_prompt_len: never pruned
 MAX_TOKENS = 8
-# Relative error of a block's mass between vLLM's kernels and the reference path's. bfloat16:
-# tiny-qwen3-next's masses in bf16 and float32 on the reference path differ by up to 1.3%, and
-# vLLM's bf16 kernels differ by CPU (AVX-512 BF16 and AMX CPUs run other GDN and conv kernels).
-# Loose for Qwen3-Next: a random model attends almost evenly, so many blocks sit within 3% of the
-# threshold; its exact checks are against baseline vLLM and solo runs.
-MASS_TOLERANCE = {"float32": 1e-3, "bfloat16": 3e-2}
-# In bfloat16, vLLM's and transformers' Gated DeltaNet kernels round differently: unpruned, their
-# greedy tokens already part at the first or second token. There only keep counts are compared
-# with the reference; the other tests compare with baseline vLLM and solo runs, exactly.
-COMPARES_TOKENS_WITH_REFERENCE = {"tiny-llama", "tiny-qwen2", "tiny-gemma3"}
-
-
-def prompts(lengths=LENGTHS, seed=0) -> list[list[int]]:
-    gen = torch.Generator().manual_seed(seed)
-    return [torch.randint(10, 1000, (n,), generator=gen).tolist() for n in lengths]
 
 
 def greedy(**extra_args) -> SamplingParams:
@@ -62,15 +48,17 @@ def family(request, prepared):
 
 @pytest.fixture(scope="module")
 def engine(family):
-    with _llm(family[1], additional_config={"uniprefill": SETTINGS}) as llm:
+    with _llm(family[1], additional_config={"uniprefill": TINY_SETTINGS}) as llm:
         yield llm
 
 
 @pytest.fixture(scope="module")
 def baseline_tokens(family):
-    """Greedy tokens of stock vLLM (UniPrefill not enabled) on prompts()."""
+    """Greedy tokens of stock vLLM (UniPrefill not enabled) on random_prompts()."""
     with _llm(family[1], enforce_eager=True) as llm:
-        return tokens_of(llm.generate([{"prompt_token_ids": p} for p in prompts()], greedy()))
+        return tokens_of(
+            llm.generate([{"prompt_token_ids": p} for p in random_prompts()], greedy())
+        )
 
 
 def live_and_recent(llm: LLM) -> tuple[dict, dict]:
@@ -88,33 +76,14 @@ def test_pruned_requests_keep_what_the_reference_keeps_and_say_the_same(engine, 
     """Keep counts agree drop by drop, up to blocks within rounding of the rule's threshold
     (tests/selection_margin.py); where every drop's kept set is determined, so are the tokens."""
     name, model_dir = family
-    batch = prompts()
+    batch = random_prompts()
     outputs = engine.generate([{"prompt_token_ids": p} for p in batch], greedy())
     live, recent = live_and_recent(engine)
     assert live == {}  # every request finished: nothing left behind
-
-    dtype = vllm_dtype(name)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).eval()
-    config = UniPrefillConfig.from_dict(SETTINGS).resolve(layer_types(model.config))
-    determined = pruned = 0
-    for prompt, output in zip(batch, outputs, strict=True):
-        ref = generate(model, torch.tensor(prompt), config=config, max_new_tokens=MAX_TOKENS)
-        unpruned = [len(prompt)] * (len(config.drop_layers) + 1)  # the worker lists pruned ones
-        kept = recent.get(output.request_id, unpruned)
-        pruned += kept[-1] < kept[0]
-        if assert_keep_counts_agree(
-            kept,
-            ref.kept_per_stage,
-            ref.block_scores,
-            p=config.p,
-            rule=config.rule,
-            tolerance=MASS_TOLERANCE[dtype],
-        ):
-            determined += 1
-            if name in COMPARES_TOKENS_WITH_REFERENCE:
-                assert list(output.outputs[0].token_ids) == ref.tokens, len(prompt)
-    assert pruned >= 2  # the 1500- and 900-token prompts at least: the engine does prune
-    if name in COMPARES_TOKENS_WITH_REFERENCE:  # float32: the comparison is exact, not vacuous
+    kept = [recent.get(out.request_id) for out in outputs]  # the worker lists pruned ones
+    determined = check_against_reference(model_dir, batch, TINY_SETTINGS, kept, tokens_of(outputs))
+    assert sum(k is not None and k[-1] < k[0] for k in kept) >= 2  # the engine does prune
+    if vllm_dtype(name) == "float32":  # the comparison is exact there, not vacuous
         assert determined == len(batch)
 
 
@@ -122,13 +91,13 @@ def test_pruned_requests_keep_what_the_reference_keeps_and_say_the_same(engine, 
     "controls", [{"uniprefill_enabled": False}, {"uniprefill_p": 1.0}], ids=["off", "p1"]
 )
 def test_pruning_off_for_a_request_gives_baseline_tokens(engine, baseline_tokens, controls):
-    batch = [{"prompt_token_ids": p} for p in prompts()]
+    batch = [{"prompt_token_ids": p} for p in random_prompts()]
     assert tokens_of(engine.generate(batch, greedy(**controls))) == baseline_tokens
     assert tokens_of(engine.generate(batch, greedy())) != baseline_tokens  # pruning does act
 
 
 def test_pruned_prefill_alongside_decodes_gives_each_request_its_solo_tokens(engine):
-    batch = prompts((700, 30, 1200, 50, 600), seed=1)
+    batch = random_prompts((700, 30, 1200, 50, 600), seed=1)
     solo = [tokens_of(engine.generate([{"prompt_token_ids": p}], greedy()))[0] for p in batch]
 
     core = engine.llm_engine
@@ -151,11 +120,11 @@ def test_pruned_prefill_alongside_decodes_gives_each_request_its_solo_tokens(eng
 
 def test_aborted_request_leaves_no_state_behind(engine, family):
     core = engine.llm_engine
-    core.add_request("to-abort", {"prompt_token_ids": prompts((1000,), seed=2)[0]}, greedy())
+    core.add_request("to-abort", {"prompt_token_ids": random_prompts((1000,), seed=2)[0]}, greedy())
     core.step()  # the pruned prefill
     live, _ = live_and_recent(engine)
     text_config = AutoConfig.from_pretrained(family[1])
-    drops = UniPrefillConfig.from_dict(SETTINGS).resolve(layer_types(text_config)).drop_layers
+    drops = UniPrefillConfig.from_dict(TINY_SETTINGS).resolve(layer_types(text_config)).drop_layers
     assert list(live) == ["to-abort"] and len(live["to-abort"]) == len(drops)  # offset per stage
     core.abort_request(["to-abort"])
     # An idle engine core runs no step; the worker hears of the abort with the next one.
@@ -174,7 +143,7 @@ def test_aborted_request_leaves_no_state_behind(engine, family):
 )
 def test_bad_request_field_is_a_value_error_and_the_engine_carries_on(engine, extra_args, field):
     with pytest.raises(ValueError, match=field):
-        engine.generate([{"prompt_token_ids": prompts((300,))[0]}], greedy(**extra_args))
+        engine.generate([{"prompt_token_ids": random_prompts((300,))[0]}], greedy(**extra_args))
     assert len(tokens_of(engine.generate([{"prompt_token_ids": [5, 6, 7]}], greedy()))[0]) == 8
 
 
@@ -183,14 +152,14 @@ def test_preempted_request_is_recomputed_unpruned_and_leaves_no_state(prepared):
     and recomputes prompt + outputs. Policy: a request with outputs is recomputed unpruned
     (docs/design/vllm-integration.md, section 10), so it is not pruned a second time, the first
     request is untouched, and no per-request state is left."""
-    batch = prompts((600, 600), seed=3)
+    batch = random_prompts((600, 600), seed=3)
     params = SamplingParams(temperature=0, max_tokens=300, ignore_eos=True)
     engine_args = dict(max_num_batched_tokens=1024, block_size=32, num_gpu_blocks_override=44)
     with offline_llm(
         model=str(prepared("tiny-llama")),
         dtype="float32",
         max_model_len=1024,
-        additional_config={"uniprefill": SETTINGS},
+        additional_config={"uniprefill": TINY_SETTINGS},
         **engine_args,
     ) as llm:
         solo = [tokens_of(llm.generate([{"prompt_token_ids": p}], params))[0] for p in batch]

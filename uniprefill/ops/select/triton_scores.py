@@ -5,7 +5,7 @@ Two passes over the keys, never materialising the (last_q x n x heads) probabili
    softmax max and normaliser over the visible keys (online, as in flash attention).
 2. `_block_scores_kernel`: for each request and key block, the sum over heads and last queries of
    exp(logit - max) / normaliser, i.e. that block's score.
-Dot products run in float32 (ieee): exact enough that top-p matches the reference; whether bf16
+Dot products run in float32 (ieee): exact enough that top-p matches the oracle; whether bf16
 tensor-core dots keep the same blocks is to be measured on a GPU.
 """
 
