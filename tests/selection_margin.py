@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from uniprefill.ops.select.common import prunable_mask
+from uniprefill.ops.select.common import forced_blocks, prunable_mask
 from uniprefill.ops.select.rule import SelectionRule
 
 
@@ -30,9 +30,8 @@ def keep_count_bounds(
     scores = block_scores[:num_blocks].double()
     block = torch.arange(num_blocks)
     starts, ends = block * rule.block_size, torch.clamp((block + 1) * rule.block_size, max=n)
-    if rule.normalize_over == "unforced_blocks":
-        forced_block = (ends <= rule.sink) | (starts >= n - rule.last_q)
-        scores = scores.masked_fill(forced_block, 0.0)
+    if rule.normalize_over == "unforced_blocks":  # as the operator's top-p step does
+        scores = scores.masked_fill(forced_blocks(block, torch.tensor([n]), rule)[0], 0.0)
     mass = scores / scores.sum()
     low, high = mass * (1 - tolerance), mass * (1 + tolerance)
     others = ~torch.eye(num_blocks, dtype=torch.bool)  # [b, c]: c is another block than b

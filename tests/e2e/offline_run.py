@@ -13,6 +13,7 @@ import json
 import os
 import sys
 
+from helpers import pruning_state  # this script's folder, tests/e2e/, is on sys.path
 from vllm import LLM, SamplingParams
 
 if __name__ == "__main__":
@@ -31,8 +32,7 @@ if __name__ == "__main__":
         }
         if mode == "enabled":
             result["workers"] = llm.collective_rpc("uniprefill_status")
-            (state,) = llm.collective_rpc("uniprefill_requests")
-            recent = {k.rsplit("-", 1)[0]: v for k, v in state["recent"]}  # engine adds a suffix
+            _, recent = pruning_state(*llm.collective_rpc("uniprefill_requests"))
             result["kept"] = [recent.get(out.request_id) for out in outputs]
         print("RESULT " + json.dumps(result), flush=True)
     finally:
