@@ -5,6 +5,7 @@ import shutil
 
 import pytest
 from vllm import LLM
+from vllm.config import CompilationMode
 from vllm.engine.arg_utils import EngineArgs
 
 from uniprefill import plugin
@@ -82,10 +83,18 @@ def test_llm_constructor_raises_before_starting_an_engine(prepared):
         LLM(model=str(prepared("tiny-llama")), additional_config={"uniprefill": {"q": 1}})
 
 
-def test_a_pruned_prompt_fits_one_step_and_runs_eager(prepared):
+def test_a_pruned_prompt_fits_one_step_and_the_graph_stays_compiled(prepared):
     vllm_config = _engine_config(prepared("tiny-llama"), {}, max_model_len=8192)
     assert vllm_config.scheduler_config.max_num_batched_tokens >= 8192  # raised when unset
-    assert vllm_config.model_config.enforce_eager
+    assert not vllm_config.model_config.enforce_eager
+    assert vllm_config.compilation_config.mode != CompilationMode.NONE
+    assert not vllm_config.use_v2_model_runner
+    assert vllm_config.scheduler_config.async_scheduling is False
+
+
+def test_async_scheduling_is_refused_with_what_to_change(prepared):
+    with pytest.raises(ValueError, match="remove --async-scheduling or disable UniPrefill"):
+        _engine_config(prepared("tiny-llama"), {}, async_scheduling=True)
 
 
 def test_explicit_step_budget_below_max_model_len_is_refused_with_what_to_change(prepared):

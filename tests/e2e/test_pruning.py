@@ -1,11 +1,14 @@
 """Pruned prefill inside real vLLM engines (CPU backend), one tiny model per family: full
 attention (Llama, Qwen2), sliding-window/full (Gemma 3), linear/full (Qwen3-Next).
 
-Against the PyTorch reference path (same model, same prompts: the same keep counts per stage,
-within the kernels' rounding margin, and then the same greedy tokens), against baseline vLLM
-(pruning off), and inside continuous batching (a pruned prefill in the same step as other
-requests' decodes gives each request its solo tokens).
+The UniPrefill engines run vLLM's default compiled graph. Against the PyTorch reference path
+(same model, same prompts: the same keep counts per stage, within the kernels' rounding margin,
+and then the same greedy tokens), against baseline vLLM in eager mode (pruning off), and inside
+continuous batching (a pruned prefill in the same step as other requests' decodes gives each
+request its solo tokens, and only the steps that score prompts leave the compiled graph).
 """
+
+import os
 
 import pytest
 from transformers import AutoConfig
@@ -22,6 +25,7 @@ from tests.e2e.helpers import (
 )
 from uniprefill.config import UniPrefillConfig
 from uniprefill.families import layer_types
+from uniprefill.vllm_glue.pruning import pruner_of
 
 MAX_TOKENS = 8
 
@@ -48,8 +52,30 @@ def family(request, prepared):
 
 @pytest.fixture(scope="module")
 def engine(family):
-    with _llm(family[1], additional_config={"uniprefill": TINY_SETTINGS}) as llm:
-        yield llm
+    # collective_rpc with a function of the test's (python_forwards) pickles it
+    os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
+    try:
+        with _llm(family[1], additional_config={"uniprefill": TINY_SETTINGS}) as llm:
+            yield llm
+    finally:
+        del os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"]
+
+
+def count_python_forwards(worker) -> None:
+    """In the worker: count forwards that run the decoder layers as Python code. A compiled
+    graph runs its layers without calling module hooks added after it was traced."""
+    runner = worker.model_runner
+    if "_python_forwards" not in runner.__dict__:
+
+        def count(*_):
+            runner._python_forwards += 1
+
+        pruner_of(runner).layers[0].register_forward_pre_hook(count)
+    runner._python_forwards = 0
+
+
+def python_forwards(worker) -> int:
+    return worker.model_runner._python_forwards
 
 
 @pytest.fixture(scope="module")
@@ -101,21 +127,31 @@ def test_pruned_prefill_alongside_decodes_gives_each_request_its_solo_tokens(eng
     solo = [tokens_of(engine.generate([{"prompt_token_ids": p}], greedy()))[0] for p in batch]
 
     core = engine.llm_engine
+    engine.collective_rpc(count_python_forwards)
+    (eager_before,) = engine.collective_rpc("uniprefill_requests")
     for i in (1, 3):  # short requests start first and are decoding ...
         core.add_request(f"short-{i}", {"prompt_token_ids": batch[i]}, greedy())
     core.step()
     core.step()
     for i in (0, 2, 4):  # ... when the long, pruned prompts arrive
         core.add_request(f"long-{i}", {"prompt_token_ids": batch[i]}, greedy())
-    done = {}
+    done, steps = {}, 2
     while core.has_unfinished_requests():
+        steps += 1
         for out in core.step():
             if out.finished:
                 done[out.request_id] = list(out.outputs[0].token_ids)
     for i, tokens in enumerate(solo):
         assert done[f"{'short' if i in (1, 3) else 'long'}-{i}"] == tokens, i
-    live, recent = live_and_recent(engine)
+    (worker,) = engine.collective_rpc("uniprefill_requests")
+    live, recent = pruning_state(worker)
     assert live == {} and {"long-0", "long-2", "long-4"} <= set(recent)
+    # Only the step that scored the long prompts ran the layers as Python; every other step,
+    # the pruned requests' decodes among them, ran vLLM's compiled graph.
+    scoring_steps = worker["eager_steps"] - eager_before["eager_steps"]
+    assert scoring_steps == 1
+    assert engine.collective_rpc(python_forwards) == [scoring_steps]
+    assert steps >= scoring_steps + MAX_TOKENS
 
 
 def test_aborted_request_leaves_no_state_behind(engine, family):

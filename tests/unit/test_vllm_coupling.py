@@ -58,6 +58,14 @@ def test_dataclass_has_the_fields_used(target):
     assert set(coupling.FIELDS[target]) <= names, set(coupling.FIELDS[target]) - names
 
 
+def test_environment_variables_set_are_vllms():
+    import vllm.envs
+
+    assert set(coupling.ENVIRONMENT) <= set(vllm.envs.environment_variables)
+    source = (ROOT / "uniprefill" / "vllm_glue" / "engine_args.py").read_text()
+    assert set(re.findall(r"\b(VLLM_\w+)\b", source)) <= set(coupling.ENVIRONMENT)
+
+
 def test_request_has_the_attributes_used():
     request = Request("r", [1, 2, 3], SamplingParams(), None)
     assert coupling.missing_attributes(request, coupling.REQUEST_ATTRIBUTES) == []
@@ -107,7 +115,8 @@ def test_every_scheduler_override_is_in_the_ledger():
 
 
 def test_every_runner_attribute_the_pruner_reads_is_in_the_ledger():
-    source = (ROOT / "uniprefill" / "vllm_glue" / "pruning.py").read_text()
+    glue = ROOT / "uniprefill" / "vllm_glue"
+    source = "".join((glue / name).read_text() for name in ("pruning.py", "stage_metadata.py"))
     read = set(re.findall(r"\brunner\.(\w+)", source)) - {"__dict__", "_uniprefill"}  # ours
     read |= {f"input_batch.{name}" for name in re.findall(r"\bbatch\.(\w+)", source)}
     listed = {path.split(".")[0] for path in coupling.RUNNER_ATTRIBUTES}

@@ -5,6 +5,7 @@ vLLM makes no promise about any of these; they are what ties UniPrefill to one v
 - OVERRIDES: vLLM methods UniPrefill's scheduler overrides or rebinds on an instance;
 - IMPORTS: vLLM internals imported by name (signatures for the callables called);
 - FIELDS: dataclass fields read or written;
+- ENVIRONMENT: vLLM environment variables UniPrefill sets;
 - CONFIG_ATTRIBUTES, RUNNER_ATTRIBUTES, SCHEDULER_ATTRIBUTES, REQUEST_ATTRIBUTES: attributes read
   on live objects, some of which exist only once an engine is built; the scheduler and the
   pruner check theirs when they start (`raise_if_missing`).
@@ -183,11 +184,13 @@ FIELDS: dict[str, tuple[str, ...]] = {
         "additional_config",
         "scheduler_cls",
         "worker_extension_cls",
-        "enforce_eager",
         "max_num_batched_tokens",
         "enable_prefix_caching",
+        "async_scheduling",
     ),
-    # built for each stage by pruning.Pruner._set_stage_metadata
+    # set for one step by pruning.Pruner.run (a step that scores prompts runs eager)
+    "vllm.forward_context:ForwardContext": ("skip_compiled", "attn_metadata", "slot_mapping"),
+    # built for each stage by stage_metadata.install_stage_metadata
     "vllm.v1.attention.backend:CommonAttentionMetadata": (
         "query_start_loc",
         "query_start_loc_cpu",
@@ -230,6 +233,8 @@ CONFIG_ATTRIBUTES: tuple[str, ...] = (
     "speculative_config",
     "use_v2_model_runner",
 )
+# Set by engine_args._choose_runner_and_scheduling when the user left it unset.
+ENVIRONMENT: tuple[str, ...] = ("VLLM_USE_V2_MODEL_RUNNER",)
 # Dotted paths from the model runner (`GPUModelRunner`; the CPU runner inherits it).
 RUNNER_ATTRIBUTES: tuple[str, ...] = (
     "model",

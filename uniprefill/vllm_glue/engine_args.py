@@ -84,7 +84,8 @@ def _check_parallelism_and_runner(vllm_config: Any) -> None:
         "tensor_parallel_size > 1": parallel.tensor_parallel_size > 1,
         "pipeline_parallel_size > 1": parallel.pipeline_parallel_size > 1,
         "speculative decoding": vllm_config.speculative_config is not None,
-        "the V2 model runner (VLLM_USE_V2_MODEL_RUNNER=1)": vllm_config.use_v2_model_runner,
+        "Model Runner V2 (VLLM_USE_V2_MODEL_RUNNER=1, or a vLLM feature that needs it, such as "
+        "HiSparse or watermarking)": vllm_config.use_v2_model_runner,
     }
     found = [name for name, present in unsupported.items() if present]
     if found:
@@ -92,6 +93,29 @@ def _check_parallelism_and_runner(vllm_config: Any) -> None:
             f"UniPrefill does not support {', '.join(found)} yet; run without it "
             '(or disable UniPrefill: --additional-config \'{"uniprefill": {"enabled": false}}\')'
         )
+
+
+def _choose_runner_and_scheduling(engine_args: Any) -> None:
+    """UniPrefill runs in the V1 model runner, with a synchronous scheduler.
+
+    vLLM picks Model Runner V2 wherever Triton has a GPU driver unless VLLM_USE_V2_MODEL_RUNNER
+    says otherwise; the pruning hooks live in V1's model forward, so an unset variable becomes 0
+    (this process's engine config reads it, and engine processes inherit it). GPU engines
+    default to async scheduling, which needs an AsyncScheduler; UniPrefill's scheduler extends
+    the synchronous one, so an unset --async-scheduling becomes off.
+    """
+    if os.environ.get("VLLM_USE_V2_MODEL_RUNNER") is None:
+        os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
+        logger.info("UniPrefill: using vLLM's V1 model runner (VLLM_USE_V2_MODEL_RUNNER=0); "
+                    "pruning runs in its model forward")  # fmt: skip
+    if engine_args.async_scheduling:
+        raise ValueError(
+            "UniPrefill's scheduler is synchronous and cannot run with --async-scheduling; "
+            "remove --async-scheduling or disable UniPrefill"
+        )
+    if engine_args.async_scheduling is None:
+        engine_args.async_scheduling = False
+        logger.info("UniPrefill: async scheduling off (its scheduler is synchronous)")
 
 
 def _check_no_chunking(vllm_config: Any) -> None:
@@ -160,8 +184,7 @@ def wrap_create_engine_config(original: Callable[..., Any]) -> Callable[..., Any
             return original(self, *args, **kwargs)
         _claim(self, "scheduler_cls", SCHEDULER_CLS, unset=None)
         _claim(self, "worker_extension_cls", WORKER_EXTENSION_CLS, unset="")
-        # Compaction changes tensor shapes between layers, data-dependently: no traced graph.
-        self.enforce_eager = True
+        _choose_runner_and_scheduling(self)
         # vLLM fills its defaults into these fields: note what the user set first.
         user_set = {name: getattr(self, name) for name in ADJUSTED}
         vllm_config = original(self, *args, **kwargs)
@@ -180,7 +203,7 @@ def wrap_create_engine_config(original: Callable[..., Any]) -> Callable[..., Any
         }
         apply_patches("frontend")
         logger.info(
-            "UniPrefill active (pid %d) for %s [%s], eager mode, settings: %s",
+            "UniPrefill active (pid %d) for %s [%s], settings: %s",
             os.getpid(),
             model_config.model,
             family,

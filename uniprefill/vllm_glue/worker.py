@@ -35,8 +35,10 @@ class UniPrefillWorkerExtension:
 
     def uniprefill_requests(self) -> dict[str, Any]:
         """Pruned requests still holding per-stage KV offsets, and the keep counts (prompt, then
-        after each drop layer) of the most recent pruned prefills, oldest first."""
+        after each drop layer) of the most recent pruned prefills, oldest first, and how many
+        steps scored prompts (those run eager)."""
         pruner = pruner_of(self.model_runner)
         if pruner is None:
-            return {"live": {}, "recent": []}
-        return {"live": dict(pruner.offsets), "recent": list(pruner.recent)}
+            return {"live": {}, "recent": [], "eager_steps": 0}
+        live = {req_id: list(offsets) for req_id, offsets in pruner.offsets.items()}
+        return {"live": live, "recent": list(pruner.recent), "eager_steps": pruner.eager_steps}

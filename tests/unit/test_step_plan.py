@@ -1,0 +1,100 @@
+"""The step plan: built from the batch alone, without an engine."""
+
+import pytest
+import torch
+
+from uniprefill.ops.select.rule import SelectionRule
+from uniprefill.vllm_glue.step_plan import (
+    ScheduledRequest,
+    all_stages,
+    first_stage,
+    next_stage,
+    plan_step,
+    pruned_offsets,
+)
+
+RULE = SelectionRule(block_size=16, sink=16, last_q=16, min_prompt_len=64)
+STAGES = 3  # two drop layers
+
+
+def fresh(req_id: str, prompt_len: int, p: float = 0.9) -> ScheduledRequest:
+    return ScheduledRequest(req_id, prompt_len, 0, prompt_len, 0, p)
+
+
+def decode(req_id: str, prompt_len: int, generated: int, offsets=None) -> ScheduledRequest:
+    return ScheduledRequest(req_id, 1, prompt_len + generated - 1, prompt_len, generated, 0.9,
+                            offsets)  # fmt: skip
+
+
+def test_a_step_with_nothing_pruned_is_a_stock_step():
+    batch = [fresh("short", 40), fresh("off", 200, p=1.0), decode("d", 300, 5)]
+    assert plan_step(batch, STAGES, RULE) is None
+
+
+def test_a_mixed_batch_scores_only_whole_fresh_long_prompts():
+    batch = [
+        fresh("long", 200),
+        fresh("short", 40),  # below min_prompt_len
+        decode("pruned", 300, 3, offsets=(100, 150)),
+        decode("stock", 300, 3),
+        ScheduledRequest("resumed", 200, 0, 200, 2, 0.9),  # recomputed after output: unpruned
+        ScheduledRequest("chunk", 100, 100, 200, 0, 0.9),  # not the whole prompt
+    ]
+    plan = plan_step(batch, STAGES, RULE)
+    assert plan.req_ids == ("long", "short", "pruned", "stock", "resumed", "chunk")
+    assert plan.scored.tolist() == [True, False, False, False, False, False]
+    assert plan.prunes
+    assert plan.p.tolist() == pytest.approx([0.9, 1, 1, 1, 1, 1])
+    assert plan.num_rows.tolist() == [200, 40, 1, 1, 200, 100]
+    assert plan.earlier_offsets[:, 2].tolist() == [0, 100, 150]
+    assert plan.earlier_offsets[:, [0, 1, 3, 4, 5]].eq(0).all()
+
+
+def test_decodes_of_pruned_requests_know_every_stage_before_the_forward():
+    batch = [decode("a", 300, 1, offsets=(100, 150)), decode("b", 50, 2), decode("c", 80, 1,
+             offsets=(16, 32))]  # fmt: skip
+    plan = plan_step(batch, STAGES, RULE)
+    assert not plan.prunes
+    positions = torch.tensor([300, 51, 80])
+    stages = all_stages(plan, positions)
+    assert [s.stage for s in stages] == [0, 1, 2]
+    assert [s.kv_offsets.tolist() for s in stages] == [[0, 0, 0], [100, 0, 16], [150, 0, 32]]
+    assert [s.moves_kv for s in stages] == [False, True, True]
+    for s in stages:
+        assert s.kept_rows is None and torch.equal(s.positions, positions)
+        assert s.query_start_loc.tolist() == [0, 1, 2, 3]
+
+
+def test_stages_of_a_scoring_step_follow_each_drop():
+    batch = [fresh("a", 100), decode("b", 300, 4, offsets=(20, 40)), fresh("c", 40)]
+    plan = plan_step(batch, STAGES, RULE)
+    positions = torch.cat(
+        [torch.arange(100), torch.tensor([303]), torch.arange(40), torch.zeros(5)]
+    )
+    with pytest.raises(ValueError):
+        all_stages(plan, positions)
+    stage0 = first_stage(plan, positions)
+    assert stage0.num_rows == 141  # padding rows past the batch are not the step's rows
+    assert stage0.query_start_loc.tolist() == [0, 100, 101, 141]
+    # the first drop keeps a's rows 0-31 and 70-99, and all of b and c
+    kept = torch.cat([torch.arange(32), torch.arange(70, 141)])
+    stage1 = next_stage(plan, stage0, kept, torch.tensor([0, 62, 63, 103]))
+    assert stage1.stage == 1
+    assert stage1.kv_offsets.tolist() == [38, 20, 0]
+    assert torch.equal(stage1.positions, positions[kept])
+    assert torch.equal(stage1.kept_rows, kept)
+    # the second keeps a's first 20 kept rows and its last 30, and all of b and c
+    kept2 = torch.cat([torch.arange(20), torch.arange(32, 103)])
+    stage2 = next_stage(plan, stage1, kept2, torch.tensor([0, 50, 51, 91]))
+    assert stage2.kv_offsets.tolist() == [50, 40, 0]
+    assert torch.equal(stage2.kept_rows, kept[kept2])  # indices into the step's rows
+    assert torch.equal(stage2.positions, positions[kept[kept2]])
+    assert pruned_offsets(plan, [stage0, stage1, stage2]) == {"a": (38, 50)}
+
+
+def test_a_drop_that_keeps_everything_prunes_nothing():
+    plan = plan_step([fresh("a", 100)], STAGES, RULE)
+    stages = [first_stage(plan, torch.arange(100))]
+    stages += [next_stage(plan, stages[-1]), next_stage(plan, stages[-1])]
+    assert not any(s.moves_kv for s in stages)
+    assert pruned_offsets(plan, stages) == {}
