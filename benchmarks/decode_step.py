@@ -3,7 +3,8 @@
 One UniPrefill engine, in this process; the same prompt is run with pruning off for the request
 (`uniprefill_enabled: false`), then pruned. After the prefill step, every step is a decode step:
 this reports their mean wall time, and the time spent in the worker's per-step planning and in
-rebuilding each stage's attention metadata (timed by wrapping those two Pruner methods).
+rebuilding each stage's attention metadata (timed by wrapping `Pruner.plan` and
+`install_stage_metadata`). The engine runs vLLM's default compiled graph unless --eager.
 
     python benchmarks/decode_step.py --model qwen2.5-coder-0.5b-instruct --input-len 2048
 """
@@ -16,6 +17,8 @@ import json
 import os
 import time
 from pathlib import Path
+
+from machine import machine
 
 from uniprefill import models
 
@@ -39,6 +42,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=64, help="decode steps timed")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--uniprefill", default="{}", help="UniPrefill settings, JSON")
+    parser.add_argument("--eager", action="store_true", help="enforce_eager=True")
     parser.add_argument("--json", help="write the rows here")
     args = parser.parse_args()
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the worker runs in this process
@@ -48,10 +52,8 @@ def main() -> None:
 
     spent = {"plan": 0.0, "metadata": 0.0}
     pruning.Pruner.plan = timed(spent, "plan", pruning.Pruner.plan)
-    pruning.Pruner._set_stage_metadata = timed(
-        spent, "metadata", pruning.Pruner._set_stage_metadata
-    )
-    llm = LLM(model=str(models.prepare(args.model)), dtype=args.dtype, enforce_eager=True,
+    pruning.install_stage_metadata = timed(spent, "metadata", pruning.install_stage_metadata)
+    llm = LLM(model=str(models.prepare(args.model)), dtype=args.dtype, enforce_eager=args.eager,
               max_model_len=args.input_len + args.steps + 8, enable_prefix_caching=False,
               additional_config={"uniprefill": json.loads(args.uniprefill)})  # fmt: skip
     engine = llm.llm_engine
@@ -74,7 +76,8 @@ def main() -> None:
         print(f"{'on' if pruned else 'off'} | {row['step_ms']:.1f} | {row['plan_ms']:.2f} | "
               f"{row['metadata_ms']:.2f}", flush=True)  # fmt: skip
     if args.json:
-        meta = {"model": args.model, "input_len": args.input_len, "uniprefill": args.uniprefill}
+        meta = {"model": args.model, "input_len": args.input_len, "uniprefill": args.uniprefill,
+                "eager": args.eager, "dtype": args.dtype, "machine": machine()}  # fmt: skip
         Path(args.json).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
 
 

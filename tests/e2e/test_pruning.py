@@ -3,7 +3,7 @@ attention (Llama, Qwen2), sliding-window/full (Gemma 3), linear/full (Qwen3-Next
 
 The UniPrefill engines run vLLM's default compiled graph. Against the PyTorch reference path
 (same model, same prompts: the same keep counts per stage, within the kernels' rounding margin,
-and then the same greedy tokens), against baseline vLLM in eager mode (pruning off), and inside
+and then the same greedy tokens), against stock vLLM (pruning off: the same tokens), and inside
 continuous batching (a pruned prefill in the same step as other requests' decodes gives each
 request its solo tokens, and only the steps that score prompts leave the compiled graph).
 """
@@ -80,8 +80,9 @@ def python_forwards(worker) -> int:
 
 @pytest.fixture(scope="module")
 def baseline_tokens(family):
-    """Greedy tokens of stock vLLM (UniPrefill not enabled) on random_prompts()."""
-    with _llm(family[1], enforce_eager=True) as llm:
+    """Greedy tokens of stock vLLM (UniPrefill not enabled, its compiled graph) on
+    random_prompts()."""
+    with _llm(family[1]) as llm:
         return tokens_of(
             llm.generate([{"prompt_token_ids": p} for p in random_prompts()], greedy())
         )

@@ -167,6 +167,7 @@ OVERRIDES: tuple[Override, ...] = (
 # enum used for isinstance checks, construction by keyword (FIELDS), or a member).
 IMPORTS: dict[str, tuple[str, ...] | None] = {
     "vllm.forward_context:get_forward_context": (),
+    "vllm.config:CUDAGraphMode": None,
     "vllm.model_executor.layers.attention:Attention": None,
     "vllm.model_executor.models.utils:extract_layer_index": ("layer_name", "num_attn_module"),
     "vllm.v1.attention.backend:CommonAttentionMetadata": None,
@@ -189,7 +190,12 @@ FIELDS: dict[str, tuple[str, ...]] = {
         "async_scheduling",
     ),
     # set for one step by pruning.Pruner.run (a step that scores prompts runs eager)
-    "vllm.forward_context:ForwardContext": ("skip_compiled", "attn_metadata", "slot_mapping"),
+    "vllm.forward_context:ForwardContext": (
+        "skip_compiled",
+        "cudagraph_runtime_mode",
+        "attn_metadata",
+        "slot_mapping",
+    ),
     # built for each stage by stage_metadata.install_stage_metadata
     "vllm.v1.attention.backend:CommonAttentionMetadata": (
         "query_start_loc",

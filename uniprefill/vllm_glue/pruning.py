@@ -33,6 +33,7 @@ from collections import deque
 from typing import Any
 
 import torch
+from vllm.config import CUDAGraphMode
 from vllm.forward_context import get_forward_context
 from vllm.model_executor.layers.attention import Attention
 
@@ -75,7 +76,7 @@ class Pruner:
         self.config = config
         self.rule = config.rule
         self.drops = tuple(config.drop_layers)
-        self.offsets: dict[str, tuple[int, ...]] = {}  # live pruned requests -> stages 1..S
+        self.kv_offsets: dict[str, tuple[int, ...]] = {}  # live pruned requests -> stages 1..S
         self.recent: deque[tuple[str, list[int]]] = deque(maxlen=RECENT_PRUNES)
         self.eager_steps = 0  # steps that scored prompts, run outside the compiled graph
         self.forward: _PrunedForward | None = None
@@ -171,7 +172,7 @@ class Pruner:
                     prompt_len=state.num_prompt_tokens,
                     num_generated=len(state.output_token_ids),
                     p=request_p(self.config, state.sampling_params),
-                    kv_offsets=self.offsets.get(req_id),
+                    kv_offsets=self.kv_offsets.get(req_id),
                 )
             )
         return plan_step(scheduled, len(self.drops) + 1, self.rule)
@@ -182,14 +183,27 @@ class Pruner:
         if plan is None:
             return forward(input_ids=input_ids, positions=positions, **kwargs)
         context = get_forward_context()
-        if not plan.prunes:  # decodes of pruned requests: the stock graph, other metadata
-            for stage in all_stages(plan, positions)[1:]:
-                if stage.moves_kv:
-                    install_stage_metadata(self.runner, self.stage_layers, stage, context)
-            return forward(input_ids=input_ids, positions=positions, **kwargs)
+        # A full CUDA graph replays one attention metadata for all layers; stages need their
+        # own, which attention ops read from the forward context only outside a full graph.
+        graphs = context.cudagraph_runtime_mode
+        if graphs == CUDAGraphMode.FULL:
+            context.cudagraph_runtime_mode = CUDAGraphMode.NONE
+        try:
+            if not plan.prunes:  # decodes of pruned requests: the stock graph, other metadata
+                for stage in all_stages(plan, positions)[1:]:
+                    if stage.moves_kv:
+                        install_stage_metadata(self.runner, self.stage_layers, stage, context)
+                return forward(input_ids=input_ids, positions=positions, **kwargs)
+            return self._run_scoring(plan, context, forward, input_ids, positions, **kwargs)
+        finally:
+            context.cudagraph_runtime_mode = graphs
+
+    def _run_scoring(self, plan: StepPlan, context: Any, forward: Any, input_ids: Any,
+                     positions: torch.Tensor, **kwargs: Any) -> Any:  # fmt: skip
+        """A step whose stage sizes depend on the scores: eager, with the hooks on."""
         pruned = _PrunedForward(plan, positions)
         skipping = context.skip_compiled
-        context.skip_compiled = True  # stage sizes depend on the scores: no traced graph
+        context.skip_compiled = True
         self.forward = pruned
         try:
             hidden = forward(input_ids=input_ids, positions=positions, **kwargs)
@@ -207,13 +221,13 @@ class Pruner:
 
     def _remember(self, plan: StepPlan, stages: list[StageRows]) -> None:
         for req_id, offsets in pruned_offsets(plan, stages).items():
-            self.offsets[req_id] = offsets
+            self.kv_offsets[req_id] = offsets
             prompt_len = int(plan.num_rows[plan.req_ids.index(req_id)])
             self.recent.append((req_id, [prompt_len] + [prompt_len - o for o in offsets]))
 
     def forget(self, req_ids: Any) -> None:
         for req_id in req_ids:
-            self.offsets.pop(req_id, None)
+            self.kv_offsets.pop(req_id, None)
 
 
 def _decoder_layers(model: torch.nn.Module, model_config: Any) -> torch.nn.ModuleList:

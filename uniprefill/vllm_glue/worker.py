@@ -40,5 +40,5 @@ class UniPrefillWorkerExtension:
         pruner = pruner_of(self.model_runner)
         if pruner is None:
             return {"live": {}, "recent": [], "eager_steps": 0}
-        live = {req_id: list(offsets) for req_id, offsets in pruner.offsets.items()}
+        live = {req_id: list(offsets) for req_id, offsets in pruner.kv_offsets.items()}
         return {"live": live, "recent": list(pruner.recent), "eager_steps": pruner.eager_steps}
