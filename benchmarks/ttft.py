@@ -1,22 +1,49 @@
 """TTFT of baseline vLLM and UniPrefill, side by side in one run, on the same prompts.
 
-Both engines get the same engine arguments (UniPrefill's: eager mode, the whole prompt in one
-step; no prefix caching); only pruning differs. Each setting (input length x concurrency) runs
-on the baseline engine, then on the UniPrefill engine, with `concurrency` requests in flight at a
-time. Prompts are passkey questions over varied prose (benchmarks/ruler_tasks.py), trimmed to
-the input length.
+Baselines (--baseline):
+  stock (default): what users compare, `vllm serve MODEL --plugin uniprefill` against plain
+    `vllm serve MODEL`. Both engines get only dtype, max_model_len and seed, so vLLM's defaults
+    hold everywhere else (compiled graph, chunked prefill with vLLM's step budget, prefix
+    caching); the UniPrefill engine adds its settings and adjusts what it needs itself (it raises
+    max_num_batched_tokens to max_model_len where that is lower).
+  matched: a mechanism view, not what users run. Both engines run eager, without prefix caching,
+    with the whole prompt in one step (max_num_batched_tokens = max_model_len); only pruning
+    differs.
+The header and the JSON meta record the baseline mode, each engine's arguments and what it ended
+up running with (compilation mode, chunked prefill, step budget, prefix caching), the machine and
+vLLM's platform. Every request gets its own prompt (a running sample index over the whole run),
+so a prefix cache only helps where the conversation scenario repeats history on purpose. Prompts
+are passkey questions over varied prose (benchmarks/ruler_tasks.py), sized to within ~5% of the
+input length (a few hundred tokens at the least). Before the scenarios, each engine answers one
+prompt per length untimed, so first-call costs stay out of the results (their TTFTs are printed).
 
-Per setting: TTFT median and p90 for both, the speedup (baseline / UniPrefill median TTFT), the
-ideal speedup (baseline token-layers / pruned token-layers, from the keep counts the workers
-report), decode tokens/s for both and passkey accuracy for both. Decode tokens/s counts the tokens
-produced after the setting's last first token, when no prefill is left in the batch, over that
-window's length: it measures decode steps alone, not decodes queued behind a long prefill.
+Scenarios (--scenarios), each repeated --repeats times; a repeat runs both engines on that
+repeat's fresh prompts, the baseline first in even repeats and UniPrefill first in odd ones:
+  fresh: per input length x concurrency, --requests prompts with `concurrency` in flight. TTFT
+    median and p90 over all repeats, the speedup (baseline / UniPrefill median TTFT per repeat),
+    the ideal speedup (baseline token-layers / pruned token-layers, from the keep counts the
+    workers report), decode tokens/s and passkey accuracy. Decode tokens/s counts the tokens
+    produced after a repeat's last first token, when no prefill is left in the batch, over that
+    window's length: decode steps alone, not decodes queued behind a long prefill.
+  short: TTFT of one --short-len prompt (default 512, shorter than UniPrefill's default
+    min_prompt_len, so nothing is pruned): what UniPrefill costs where it does not help.
+  conversation: per input length, turn 1 is a fresh prompt answered with --output-len tokens;
+    turn 2 is turn 1's prompt and that engine's answer (token ids) plus a new ~64-token
+    question. TTFT of turn 2; stock vLLM serves the repeated history from its prefix cache.
+  decode: tokens/s after the first token of one long (the first input length) and one
+    --short-len request, each generating --decode-len tokens alone.
+Each row's speedup is the median of the per-repeat ratios (baseline / UniPrefill TTFT;
+UniPrefill / baseline tokens/s for decode), with their min and max: ratios near 1 need 10 or
+more repeats before they mean anything.
 
     python benchmarks/ttft.py --model qwen2.5-coder-0.5b-instruct --input-lens 2048 4096 8192 \\
-        --concurrency 1 2 4 8 --mode offline --json ttft.json --plot ttft.png
+        --concurrency 1 4 --repeats 10 --json ttft.json --plot ttft.png
+    python benchmarks/ttft.py --baseline matched --scenarios fresh --input-lens 4096 \\
+        --concurrency 1  # the mechanism view: pruning alone
 
 --mode serve drives two real `vllm serve ... [--plugin uniprefill]` servers over HTTP with
-concurrent streaming clients (keep counts come from their /collective_rpc dev endpoint).
+concurrent streaming clients (keep counts come from their /collective_rpc dev endpoint, engine
+settings from /server_info).
 """
 
 from __future__ import annotations
@@ -25,29 +52,42 @@ import argparse
 import asyncio
 import json
 import os
+import random
 import statistics
 import sys
 import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from machine import machine
-from ruler_tasks import make_sample
+from ruler_tasks import DID, WHAT, WHEN, WHO, make_sample
 
 from uniprefill import models, serve
 from uniprefill.config import UniPrefillConfig
 
 ENGINES = ("baseline", "uniprefill")
+QUESTION_TOKENS = 64  # the conversation's second user turn
 RESULTS = Path(__file__).resolve().parent / "results"
+# What an engine runs with once vLLM's defaults and the plugin's adjustments are in.
+EFFECTIVE = {
+    "compilation_mode": ("compilation_config", "mode"),
+    "enforce_eager": ("model_config", "enforce_eager"),
+    "chunked_prefill": ("scheduler_config", "enable_chunked_prefill"),
+    "max_num_batched_tokens": ("scheduler_config", "max_num_batched_tokens"),
+    "prefix_caching": ("cache_config", "enable_prefix_caching"),
+}
 
 
 @dataclass
 class Request:
     ttft: float  # seconds from submission to the first token
     token_times: list[float]  # arrival time of each output token
-    correct: bool
+    text: str
+    token_ids: list[int]  # the output tokens
 
 
 def decode_tps(requests: list[Request]) -> float:
@@ -58,21 +98,38 @@ def decode_tps(requests: list[Request]) -> float:
     return tokens / (end - start) if end > start else float("nan")
 
 
-def make_prompts(tokenizer, length: int, count: int) -> tuple[list[list[int]], list[str]]:
-    """`count` chat-formatted passkey prompts of about `length` tokens, and their answers."""
-    prompts, answers = [], []
-    for i in range(count):
-        words = int(length * 0.7)
-        for _ in range(4):  # rescale the haystack until the prompt is just under `length`
-            sample = make_sample("passkey", i, words, depth=(i % 5 + 0.5) / 5)
-            ids = _encode(tokenizer, sample.messages)
-            words = int(words * 0.995 * length / len(ids))
-        prompts.append(list(ids))
-        answers.append(sample.answers[0])
-    return prompts, answers
+class Prompts:
+    """Prompts for a whole run: a running sample index, so no two requests share a prompt."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.index = 0
+
+    def take(self, length: int, count: int) -> tuple[list[list[int]], list[str]]:
+        """`count` chat-formatted passkey prompts of about `length` tokens, and their answers."""
+        prompts, answers = [], []
+        for _ in range(count):
+            self.index += 1
+            words, depth = int(length * 0.7), (self.index % 5 + 0.5) / 5
+            for _ in range(4):  # rescale the haystack until the prompt is just under `length`
+                sample = make_sample("passkey", self.index, words, depth=depth)
+                ids = _encode(self.tokenizer, sample.messages)
+                words = int(words * 0.995 * length / len(ids))
+            prompts.append(list(ids))
+            answers.append(sample.answers[0])
+        return prompts, answers
+
+    def question(self) -> list[int]:
+        """A new follow-up question of QUESTION_TOKENS tokens (plain text, no chat markup)."""
+        self.index += 1
+        rng = random.Random(f"question/{self.index}")
+        pools = (WHEN, WHO, DID, WHAT)
+        said = " ".join("{}, {} {} {}.".format(*map(rng.choice, pools)) for _ in range(6))
+        text = f"\n\nThanks. Now, in these notes, who did what, and when? {said}"
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"][:QUESTION_TOKENS]
 
 
-def _encode(tokenizer, messages: list[dict]) -> list[int]:
+def _encode(tokenizer: Any, messages: list[dict]) -> list[int]:
     """Chat-formatted ids; plain text (with the tokenizer's own special tokens) for base models
     without a chat template, such as Gemma-3-270M."""
     if tokenizer.chat_template is None:
@@ -80,6 +137,10 @@ def _encode(tokenizer, messages: list[dict]) -> list[int]:
         return tokenizer(text)["input_ids"]
     text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def median_ttft(requests: list[Request]) -> float:
+    return statistics.median(r.ttft for r in requests)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -93,30 +154,83 @@ def token_layers(kept: list[int], drops: list[int], depth: int) -> int:
     return sum(k * (hi - lo) for k, lo, hi in zip(kept, bounds[:-1], bounds[1:], strict=True))
 
 
-# ---- offline: two LLM engines in this process --------------------------------------------------
+def effective(config: Any) -> dict[str, Any]:
+    """EFFECTIVE's settings of a VllmConfig, or of its JSON form (from /server_info)."""
+    from vllm.config import CompilationMode
+
+    def get(obj: Any, key: str) -> Any:
+        return obj[key] if isinstance(obj, dict) else getattr(obj, key)
+
+    values = {name: get(get(config, part), key) for name, (part, key) in EFFECTIVE.items()}
+    values["compilation_mode"] = CompilationMode(values["compilation_mode"]).name
+    return values
 
 
-class OfflineEngine:
-    def __init__(self, path: str, engine_args: dict, uniprefill: dict | None):
+# ---- engines: two LLM engines in this process, or two real vLLM servers ---------------------
+
+
+class Engine(ABC):
+    """One engine under test; `seen` holds the ids of pruned prefills already reported."""
+
+    def __init__(self) -> None:
+        self.seen: set[str] = set()
+
+    @abstractmethod
+    def run(
+        self,
+        prompts: list[list[int]],
+        max_tokens: int,
+        concurrency: int = 1,
+        ignore_eos: bool = False,
+    ) -> list[Request]:
+        """Greedy completions of `prompts`, `concurrency` in flight at a time, in prompt order."""
+
+    @abstractmethod
+    def config(self) -> dict[str, Any]:
+        """The EFFECTIVE settings this engine runs with."""
+
+    @abstractmethod
+    def recent_prunes(self) -> list[tuple[str, list[int]]]:
+        """The worker's (request id, keep counts) of its most recent pruned prefills."""
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+    def new_kept_counts(self) -> list[list[int]]:
+        """Keep counts of the prefills pruned since the last call."""
+        recent = self.recent_prunes()
+        new = [kept for req_id, kept in recent if req_id not in self.seen]
+        self.seen.update(req_id for req_id, _ in recent)
+        return new
+
+
+class OfflineEngine(Engine):
+    def __init__(self, path: str, engine_args: dict) -> None:
         from vllm import LLM
 
-        extra = {"additional_config": {"uniprefill": uniprefill}} if uniprefill is not None else {}
-        self.llm = LLM(model=path, **engine_args, **extra)
+        super().__init__()
+        self.llm = LLM(model=path, **engine_args)
         self.count = 0
 
-    def run(self, prompts, answers, concurrency, max_tokens) -> list[Request]:
+    def run(
+        self,
+        prompts: list[list[int]],
+        max_tokens: int,
+        concurrency: int = 1,
+        ignore_eos: bool = False,
+    ) -> list[Request]:
         from vllm import SamplingParams
 
         core = self.llm.llm_engine
-        params = SamplingParams(temperature=0, max_tokens=max_tokens)
+        params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=ignore_eos)
         pending = list(enumerate(prompts))
-        start, times, results = {}, {}, {}
+        submitted, times, done = {}, {}, {}
         while pending or core.has_unfinished_requests():
-            while pending and len(start) - len(results) < concurrency:
+            while pending and len(submitted) - len(done) < concurrency:
                 i, ids = pending.pop(0)
                 self.count += 1
                 req_id = f"r{self.count}"
-                start[req_id] = (i, time.perf_counter())
+                submitted[req_id] = (i, time.perf_counter())
                 times[req_id] = []
                 core.add_request(req_id, {"prompt_token_ids": ids}, params)
             for out in core.step():
@@ -124,120 +238,328 @@ class OfflineEngine:
                 new = len(out.outputs[0].token_ids) - len(times[out.request_id])
                 times[out.request_id] += [now] * new
                 if out.finished:
-                    results[out.request_id] = out.outputs[0].text
-        return [_request(*start[r], times[r], results[r], answers) for r in results]
+                    done[out.request_id] = out.outputs[0]
+        by_index = {
+            i: Request(times[r][0] - t0, times[r], done[r].text, list(done[r].token_ids))
+            for r, (i, t0) in submitted.items()
+        }
+        return [by_index[i] for i in range(len(prompts))]
 
-    def kept_counts(self) -> list[list[int]]:
+    def config(self) -> dict[str, Any]:
+        return effective(self.llm.llm_engine.vllm_config)
+
+    def recent_prunes(self) -> list[tuple[str, list[int]]]:
         (state,) = self.llm.collective_rpc("uniprefill_requests")
-        return [kept for _, kept in state["recent"]]
+        return state["recent"]
 
     def close(self) -> None:
         self.llm.llm_engine.engine_core.shutdown()
-
-
-def _request(i: int, submitted: float, token_times: list[float], text: str, answers) -> Request:
-    return Request(token_times[0] - submitted, token_times, answers[i] in text)
-
-
-# ---- serve: two real vLLM servers, streaming clients -------------------------------------------
 
 
 def _cli_flag(key: str, value: Any) -> str:
     flag = key.replace("_", "-")
     if isinstance(value, bool):  # vLLM's boolean options: --flag / --no-flag
         return f"--{flag}" if value else f"--no-{flag}"
-    return f"--{flag}={value}"
+    return f"--{flag}={json.dumps(value) if isinstance(value, dict) else value}"
 
 
-class ServedEngine:
-    def __init__(self, path: str, engine_args: dict, uniprefill: dict | None, log: Path):
+class ServedEngine(Engine):
+    def __init__(self, path: str, engine_args: dict, log: Path) -> None:
         import httpx
 
+        super().__init__()
         self.httpx = httpx
         self.port = serve.free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
         self.name = Path(path).name
         extra = [_cli_flag(k, v) for k, v in engine_args.items() if k != "dtype"]
-        if uniprefill is not None:
-            extra += ["--additional-config", json.dumps({"uniprefill": uniprefill})]
         cmd = serve.serve_command(path, served_name=self.name, host="127.0.0.1", port=self.port,
                                   dtype=engine_args["dtype"], extra_args=extra,
-                                  uniprefill=uniprefill is not None)  # fmt: skip
+                                  uniprefill="additional_config" in engine_args)  # fmt: skip
         env = serve.serve_env() | {"VLLM_SERVER_DEV_MODE": "1"}
         self.proc = serve.start(cmd, env, log)
-        serve.wait_until_ready(self.proc, f"http://127.0.0.1:{self.port}", timeout_s=1800)
+        serve.wait_until_ready(self.proc, self.url, timeout_s=1800)
 
-    def run(self, prompts, answers, concurrency, max_tokens) -> list[Request]:
-        return asyncio.run(self._run(prompts, answers, concurrency, max_tokens))
+    def run(
+        self,
+        prompts: list[list[int]],
+        max_tokens: int,
+        concurrency: int = 1,
+        ignore_eos: bool = False,
+    ) -> list[Request]:
+        return asyncio.run(self._run(prompts, max_tokens, concurrency, ignore_eos))
 
-    async def _run(self, prompts, answers, concurrency, max_tokens):
+    async def _run(self, prompts, max_tokens, concurrency, ignore_eos) -> list[Request]:
         import openai
 
-        client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{self.port}/v1", api_key="-")
+        client = openai.AsyncOpenAI(base_url=f"{self.url}/v1", api_key="-")
         gate = asyncio.Semaphore(concurrency)
 
-        async def one(i: int, ids: list[int]) -> Request:
+        async def one(ids: list[int]) -> Request:
             async with gate:
                 t0 = time.perf_counter()
                 stream = await client.completions.create(
                     model=self.name, prompt=ids, max_tokens=max_tokens, temperature=0,
                     stream=True, stream_options={"include_usage": True},
+                    extra_body={"ignore_eos": ignore_eos, "return_token_ids": True},
                 )  # fmt: skip
-                text, times = "", []
-                async for chunk in stream:  # one chunk per token; the usage chunk has no choices
+                text, times, out_ids = "", [], []
+                async for chunk in stream:  # the usage chunk has no choices
                     if chunk.choices:
-                        times.append(time.perf_counter())
+                        new = chunk.choices[0].token_ids or []
+                        times += [time.perf_counter()] * len(new)
+                        out_ids += new
                         text += chunk.choices[0].text
-                return _request(i, t0, times, text, answers)
+                return Request(times[0] - t0, times, text, out_ids)
 
-        return await asyncio.gather(*(one(i, ids) for i, ids in enumerate(prompts)))
+        return await asyncio.gather(*(one(ids) for ids in prompts))
 
-    def kept_counts(self) -> list[list[int]]:
-        url = f"http://127.0.0.1:{self.port}/collective_rpc"
-        (state,) = self.httpx.post(url, json={"method": "uniprefill_requests"}).json()["results"]
-        return [kept for _, kept in state["recent"]]
+    def config(self) -> dict[str, Any]:
+        # Slow: the server collects its system's environment for this reply too.
+        query = {"config_format": "json"}
+        info = self.httpx.get(f"{self.url}/server_info", params=query, timeout=300)
+        return effective(info.json()["vllm_config"])
+
+    def recent_prunes(self) -> list[tuple[str, list[int]]]:
+        url = f"{self.url}/collective_rpc"
+        reply = self.httpx.post(url, json={"method": "uniprefill_requests"}, timeout=60)
+        (state,) = reply.json()["results"]
+        return state["recent"]
 
     def close(self) -> None:
         serve.stop(self.proc)
 
 
-# ---- report ----------------------------------------------------------------------------------
+def engine_args(baseline: str, dtype: str, max_len: int, settings: dict) -> dict[str, dict]:
+    """Each engine's arguments: vLLM's defaults (stock), or eager, uncached, one step (matched)."""
+    args: dict[str, Any] = dict(dtype=dtype, max_model_len=max_len, seed=0)
+    if baseline == "matched":
+        args |= dict(
+            enforce_eager=True, enable_prefix_caching=False, max_num_batched_tokens=max_len
+        )
+    return {"baseline": args, "uniprefill": args | {"additional_config": {"uniprefill": settings}}}
 
 
-def summarize(length, concurrency, runs, kept, drops, depth, tokens) -> dict:
-    base, uni = runs["baseline"], runs["uniprefill"]
-    med = {e: statistics.median(r.ttft for r in runs[e]) for e in ENGINES}
-    full = sum(len(t) for t in tokens) * depth
-    not_pruned = sum(len(t) for t in tokens) - sum(k[0] for k in kept)
-    pruned = sum(token_layers(k, drops, depth) for k in kept) + not_pruned * depth
+@contextmanager
+def engines(mode: str, path: str, args: dict[str, dict], logs: Path) -> Iterator[dict]:
+    with ExitStack() as stack:
+        made: dict[str, Engine] = {}
+        for name in ENGINES:
+            if mode == "offline":
+                made[name] = OfflineEngine(path, args[name])
+            else:
+                logs.mkdir(parents=True, exist_ok=True)
+                made[name] = ServedEngine(path, args[name], logs / f"{name}.log")
+            stack.callback(made[name].close)
+        yield made
+
+
+def interleaved(made: dict[str, Engine], repeat: int, job: Callable, *job_args: Any) -> dict:
+    """`job(engine, *job_args)` on both engines: the baseline first in even repeats."""
+    order = ENGINES if repeat % 2 == 0 else ENGINES[::-1]
+    return {name: job(made[name], *job_args) for name in order}
+
+
+# ---- scenarios ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Bench:
+    made: dict[str, Engine]
+    prompts: Prompts
+    args: argparse.Namespace
+    drops: list[int]  # UniPrefill's drop layers
+    depth: int  # the model's layer count
+
+
+def warm_up(bench: Bench) -> dict[str, list[float]]:
+    """A few tokens of one prompt per length on each engine, untimed by the scenarios, so that
+    first-call costs (compilation, the first pruned prefill) stay out of them; their TTFTs."""
+    lengths = sorted({*bench.args.input_lens, bench.args.short_len})
+    ids = [bench.prompts.take(length, 1)[0][0] for length in lengths]
+    return {name: [r.ttft for r in engine.run(ids, 4)] for name, engine in bench.made.items()}
+
+
+def spread(ratios: list[float]) -> dict[str, float]:
     return {
+        "speedup": statistics.median(ratios),
+        "speedup_min": min(ratios),
+        "speedup_max": max(ratios),
+    }
+
+
+def batch(engine: Engine, ids: list[list[int]], output_len: int, concurrency: int) -> list:
+    return engine.run(ids, output_len, concurrency)
+
+
+def fresh(bench: Bench) -> list[dict]:
+    args, uniprefill = bench.args, bench.made["uniprefill"]
+    rows = []
+    for length in args.input_lens:
+        for concurrency in args.concurrency:
+            count = args.requests or concurrency
+            uniprefill.new_kept_counts()  # forget earlier prunes
+            repeats, kept, tokens, answers = [], [], [], []
+            for repeat in range(args.repeats):
+                ids, truth = bench.prompts.take(length, count)
+                repeats.append(
+                    interleaved(bench.made, repeat, batch, ids, args.output_len, concurrency)
+                )
+                kept += uniprefill.new_kept_counts()
+                tokens += ids
+                answers += truth
+            rows.append(fresh_row(bench, length, concurrency, repeats, answers, kept, tokens))
+            print_fresh(rows[-1:])
+    return rows
+
+
+def fresh_row(
+    bench: Bench,
+    length: int,
+    concurrency: int,
+    repeats: list[dict[str, list[Request]]],
+    answers: list[str],
+    kept: list[list[int]],
+    tokens: list[list[int]],
+) -> dict:
+    """A fresh setting's row from its repeats (each engine's requests, in prompt order)."""
+    runs = {e: [r for rep in repeats for r in rep[e]] for e in ENGINES}
+    med = {e: median_ttft(runs[e]) for e in ENGINES}
+    ratios = [median_ttft(rep["baseline"]) / median_ttft(rep["uniprefill"]) for rep in repeats]
+    full = sum(len(t) for t in tokens) * bench.depth
+    not_pruned = sum(len(t) for t in tokens) - sum(k[0] for k in kept)
+    pruned = sum(token_layers(k, bench.drops, bench.depth) for k in kept)
+    correct = {e: sum(a in r.text for r, a in zip(runs[e], answers, strict=True)) for e in ENGINES}
+    return {
+        "scenario": "fresh",
         "input_len": round(statistics.mean(len(t) for t in tokens)),
         "target_len": length,
         "concurrency": concurrency,
-        "requests": len(base),
+        "requests": len(runs["baseline"]),
+        "repeats": len(repeats),
         **{f"ttft_median_{e}": med[e] for e in ENGINES},
         **{f"ttft_p90_{e}": percentile([r.ttft for r in runs[e]], 0.9) for e in ENGINES},
-        "speedup": med["baseline"] / med["uniprefill"],
-        "ideal_speedup": full / pruned,
-        **{f"decode_tps_{e}": decode_tps(runs[e]) for e in ENGINES},
-        "accuracy_baseline": f"{sum(r.correct for r in base)}/{len(base)}",
-        "accuracy_uniprefill": f"{sum(r.correct for r in uni)}/{len(uni)}",
+        **spread(ratios),
+        "ideal_speedup": full / (pruned + not_pruned * bench.depth),
+        **{
+            f"decode_tps_{e}": statistics.median(decode_tps(rep[e]) for rep in repeats)
+            for e in ENGINES
+        },
+        **{f"accuracy_{e}": f"{correct[e]}/{len(answers)}" for e in ENGINES},
         "kept_per_stage": [round(statistics.mean(s)) for s in zip(*kept, strict=True)]
         if kept
         else [],
     }
 
 
-def print_table(rows: list[dict]) -> None:
-    head = ("len", "conc", "TTFT base med/p90 s", "TTFT uni med/p90 s", "speedup", "ideal",
-            "decode tok/s base/uni", "passkey base/uni")  # fmt: skip
+def ratio_row(scenario: str, target: int, lengths: list[int], metric: str, values: dict) -> dict:
+    """A row of per-repeat values of both engines: TTFT (lower is better) or decode tokens/s."""
+    base, uni = values["baseline"], values["uniprefill"]
+    pairs = zip(base, uni, strict=True)
+    ratios = [b / u for b, u in pairs] if metric == "ttft" else [u / b for b, u in pairs]
+    row = {
+        "scenario": scenario,
+        "input_len": round(statistics.mean(lengths)),
+        "target_len": target,
+        "repeats": len(base),
+        **{f"{metric}_median_{e}": statistics.median(values[e]) for e in ENGINES},
+        **spread(ratios),
+        **{f"{metric}_{e}": values[e] for e in ENGINES},
+    }
+    print_ratios([row])
+    return row
+
+
+def first_token(engine: Engine, ids: list[int]) -> Request:
+    (request,) = engine.run([ids], max_tokens=1)
+    return request
+
+
+def second_turn(engine: Engine, history: list[int], question: list[int], output_len: int) -> tuple:
+    """Turn 1 on `history` (its answer exactly `output_len` tokens), then turn 2's first token."""
+    (answer,) = engine.run([history], output_len, ignore_eos=True)
+    ids = history + answer.token_ids + question
+    return first_token(engine, ids), len(ids)
+
+
+def decode_alone(engine: Engine, ids: list[int], decode_len: int) -> Request:
+    (request,) = engine.run([ids], decode_len, ignore_eos=True)
+    return request
+
+
+def short(bench: Bench) -> list[dict]:
+    ttft, lengths = {e: [] for e in ENGINES}, []
+    for repeat in range(bench.args.repeats):
+        (ids,), _ = bench.prompts.take(bench.args.short_len, 1)
+        for name, request in interleaved(bench.made, repeat, first_token, ids).items():
+            ttft[name].append(request.ttft)
+        lengths.append(len(ids))
+    return [ratio_row("short", bench.args.short_len, lengths, "ttft", ttft)]
+
+
+def conversation(bench: Bench) -> list[dict]:
+    args, rows = bench.args, []
+    for length in args.input_lens:
+        ttft, lengths = {e: [] for e in ENGINES}, []
+        for repeat in range(args.repeats):
+            (history,), _ = bench.prompts.take(length, 1)
+            question = bench.prompts.question()
+            turns = interleaved(bench.made, repeat, second_turn, history, question, args.output_len)
+            for name, (request, turn_len) in turns.items():
+                ttft[name].append(request.ttft)
+                lengths.append(turn_len)
+        rows.append(ratio_row("conversation", length, lengths, "ttft", ttft))
+    return rows
+
+
+def decode(bench: Bench) -> list[dict]:
+    args, rows = bench.args, []
+    for length in (args.input_lens[0], args.short_len):
+        tps, lengths = {e: [] for e in ENGINES}, []
+        for repeat in range(args.repeats):
+            (ids,), _ = bench.prompts.take(length, 1)
+            runs = interleaved(bench.made, repeat, decode_alone, ids, args.decode_len)
+            for name, request in runs.items():
+                tps[name].append(decode_tps([request]))
+            lengths.append(len(ids))
+        rows.append(ratio_row("decode", length, lengths, "decode_tps", tps))
+    return rows
+
+
+SCENARIOS = {"fresh": fresh, "short": short, "conversation": conversation, "decode": decode}
+
+
+# ---- report ----------------------------------------------------------------------------------
+
+
+def _speedup(r: dict) -> str:
+    return f"{r['speedup']:.2f}x [{r['speedup_min']:.2f}-{r['speedup_max']:.2f}]"
+
+
+def print_fresh(rows: list[dict]) -> None:
+    head = ("len", "conc", "reqs", "TTFT base med/p90 s", "TTFT uni med/p90 s",
+            "speedup [min-max]", "ideal", "decode tok/s base/uni", "passkey base/uni")  # fmt: skip
     print(" | ".join(head))
     for r in rows:
-        print(f"{r['input_len']} | {r['concurrency']} | "
+        print(f"{r['input_len']} | {r['concurrency']} | {r['requests']} | "
               f"{r['ttft_median_baseline']:.2f}/{r['ttft_p90_baseline']:.2f} | "
               f"{r['ttft_median_uniprefill']:.2f}/{r['ttft_p90_uniprefill']:.2f} | "
-              f"{r['speedup']:.2f}x | {r['ideal_speedup']:.2f}x | "
+              f"{_speedup(r)} | {r['ideal_speedup']:.2f}x | "
               f"{r['decode_tps_baseline']:.1f}/{r['decode_tps_uniprefill']:.1f} | "
               f"{r['accuracy_baseline']} / {r['accuracy_uniprefill']}", flush=True)  # fmt: skip
+
+
+def print_ratios(rows: list[dict]) -> None:
+    print("scenario | len | repeats | median base | median uni | speedup [min-max]")
+    for r in rows:
+        decode = r["scenario"] == "decode"
+        metric, unit = ("decode_tps_median", " tok/s") if decode else ("ttft_median", "s TTFT")
+        print(
+            f"{r['scenario']} | {r['input_len']} | {r['repeats']} | "
+            f"{r[f'{metric}_baseline']:.3f}{unit} | {r[f'{metric}_uniprefill']:.3f}{unit} | "
+            f"{_speedup(r)}",
+            flush=True,
+        )
 
 
 def plot(rows: list[dict], path: str, title: str) -> None:
@@ -249,7 +571,7 @@ def plot(rows: list[dict], path: str, title: str) -> None:
     fig, (ax_ttft, ax_speed) = plt.subplots(1, 2, figsize=(11, 4.2))
     for conc in sorted({r["concurrency"] for r in rows}):
         sub = [r for r in rows if r["concurrency"] == conc]
-        lens = [r["input_len"] for r in sub]
+        lens = [r["target_len"] for r in sub]  # measured lengths differ a little per setting
         line = ax_ttft.plot(lens, [r["ttft_median_baseline"] for r in sub], "o--",
                             label=f"baseline c={conc}")  # fmt: skip
         ax_ttft.plot(lens, [r["ttft_median_uniprefill"] for r in sub], "o-",
@@ -267,38 +589,39 @@ def plot(rows: list[dict], path: str, title: str) -> None:
     fig.savefig(path, dpi=120)
 
 
-@contextmanager
-def engines(args, path: str, engine_args: dict, uniprefill: dict):
-    with ExitStack() as stack:
-        made = {}
-        for name in ENGINES:
-            settings = uniprefill if name == "uniprefill" else None
-            if args.mode == "offline":
-                made[name] = OfflineEngine(path, engine_args, settings)
-            else:
-                log = Path(args.server_logs) / f"{name}.log"
-                log.parent.mkdir(parents=True, exist_ok=True)
-                made[name] = ServedEngine(path, engine_args, settings, log)
-            stack.callback(made[name].close)
-        yield made
+BASELINES = {
+    "stock": "vLLM's defaults in both engines (what users compare)",
+    "matched": "both eager, no prefix caching, whole prompt in one step "
+    "(a mechanism view, not what users run)",
+}
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="qwen2.5-coder-0.5b-instruct")
     parser.add_argument("--input-lens", type=int, nargs="+", default=[2048, 4096, 8192])
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4, 8])
-    parser.add_argument("--requests", type=int, help="per setting (default: the concurrency)")
+    parser.add_argument(
+        "--requests", type=int, help="per fresh setting and repeat (default: the concurrency)"
+    )
     parser.add_argument("--mode", choices=["offline", "serve"], default="offline")
+    parser.add_argument("--baseline", choices=list(BASELINES), default="stock")
+    parser.add_argument("--scenarios", nargs="+", choices=list(SCENARIOS), default=list(SCENARIOS))
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved, per scenario")
     parser.add_argument("--output-len", type=int, default=32)
+    parser.add_argument("--short-len", type=int, default=512)
+    parser.add_argument("--decode-len", type=int, default=128)
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--uniprefill", default="{}", help="UniPrefill settings, JSON")
     parser.add_argument("--kv-cache-gib", type=int, default=2, help="per engine")
     parser.add_argument("--server-logs", default=str(RESULTS / "ttft-servers"))
     parser.add_argument("--json", help="write the rows here")
-    parser.add_argument("--plot", help="write a PNG plot here")
-    args = parser.parse_args()
+    parser.add_argument("--plot", help="write a PNG plot of the fresh rows here")
+    return parser.parse_args()
 
+
+def main() -> None:
+    args = parse_args()
     os.environ.update(serve.serve_env(args.kv_cache_gib))  # offline engines read the same
     path = str(models.prepare(args.model))
     from transformers import AutoConfig, AutoTokenizer
@@ -310,36 +633,44 @@ def main() -> None:
     text_config = getattr(model_config, "text_config", model_config)
     settings = UniPrefillConfig.from_dict(json.loads(args.uniprefill))
     resolved = settings.resolve(layer_types(text_config))
-    depth = text_config.num_hidden_layers
-    max_len = max(args.input_lens) + args.output_len + 256  # prompts land within ~2%
-    # No prefix caching in either engine: settings reuse prompts, and a cached prompt would time
-    # only its last block in the baseline (UniPrefill never reads the cache for pruned prompts).
-    engine_args = dict(dtype=args.dtype, max_model_len=max_len, max_num_batched_tokens=max_len,
-                       enforce_eager=True, enable_prefix_caching=False, seed=0)  # fmt: skip
-    print(f"# {args.model}, {args.mode}, UniPrefill {resolved.to_dict()}", flush=True)
-    print(f"# {machine()}, vLLM platform {vllm_platform()}", flush=True)
+    longest = max(*args.input_lens, args.short_len) * 11 // 10  # prompts land within ~5%
+    max_len = longest + max(args.output_len + QUESTION_TOKENS, args.decode_len)
+    per_engine = engine_args(args.baseline, args.dtype, max_len, resolved.to_dict())
+    meta = {
+        "model": args.model,
+        "mode": args.mode,
+        "baseline": args.baseline,
+        "baseline_means": BASELINES[args.baseline],
+        "dtype": args.dtype,
+        "uniprefill": resolved.to_dict(),
+        "engine_args": per_engine,
+        "argv": sys.argv,
+        "machine": machine(),
+        "vllm_platform": vllm_platform(),
+    }
     rows = []
-    with engines(args, path, engine_args, resolved.to_dict()) as made:
-        for length in args.input_lens:
-            for concurrency in args.concurrency:
-                count = args.requests or concurrency
-                prompts, answers = make_prompts(tokenizer, length, count)
-                before = len(made["uniprefill"].kept_counts())
-                runs = {e: made[e].run(prompts, answers, concurrency, args.output_len)
-                        for e in ENGINES}  # fmt: skip
-                kept = made["uniprefill"].kept_counts()[before:]
-                rows.append(summarize(length, concurrency, runs, kept, list(resolved.drop_layers),
-                                      depth, prompts))  # fmt: skip
-                print_table(rows[-1:])
+    with engines(args.mode, path, per_engine, Path(args.server_logs)) as made:
+        meta["effective"] = {name: engine.config() for name, engine in made.items()}
+        for key, value in meta.items():
+            print(f"# {key}: {value}", flush=True)
+        drops, depth = list(resolved.drop_layers), text_config.num_hidden_layers
+        bench = Bench(made, Prompts(tokenizer), args, drops, depth)
+        meta["warm_up_ttft"] = warm_up(bench)
+        print(f"# warm-up TTFT s, one prompt per length: {meta['warm_up_ttft']}", flush=True)
+        for name, scenario in SCENARIOS.items():
+            if name in args.scenarios:
+                rows += scenario(bench)
+    fresh_rows = [r for r in rows if r["scenario"] == "fresh"]
     print()
-    print_table(rows)
+    print(f"# {args.baseline} baseline: {BASELINES[args.baseline]}")
+    if fresh_rows:
+        print_fresh(fresh_rows)
+    if len(fresh_rows) < len(rows):
+        print_ratios([r for r in rows if r["scenario"] != "fresh"])
     if args.json:
-        meta = {"model": args.model, "mode": args.mode, "uniprefill": resolved.to_dict(),
-                "engine_args": engine_args, "argv": sys.argv, "machine": machine(),
-                "vllm_platform": vllm_platform()}  # fmt: skip
         Path(args.json).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    if args.plot:
-        plot(rows, args.plot, f"{args.model} ({args.mode})")
+    if args.plot and fresh_rows:
+        plot(fresh_rows, args.plot, f"{args.model} ({args.mode}, {args.baseline} baseline)")
 
 
 def vllm_platform() -> str:

@@ -66,6 +66,16 @@ def test_environment_variables_set_are_vllms():
     assert set(re.findall(r"\b(VLLM_\w+)\b", source)) <= set(coupling.ENVIRONMENT)
 
 
+def test_compiled_modules_carry_the_attributes_used():
+    import inspect
+
+    import vllm.compilation.decorators as decorators
+
+    source = inspect.getsource(decorators)
+    for name in coupling.COMPILED_MODULE_ATTRIBUTES:
+        assert f"self.{name} = " in source and f"if self.{name}" in source
+
+
 def test_request_has_the_attributes_used():
     request = Request("r", [1, 2, 3], SamplingParams(), None)
     assert coupling.missing_attributes(request, coupling.REQUEST_ATTRIBUTES) == []

@@ -102,6 +102,15 @@ PATCHES: tuple[Patch, ...] = (
         scope="worker",
     ),
     Patch(
+        target="vllm.v1.worker.gpu_model_runner:GPUModelRunner.profile_run",
+        wrap="uniprefill.vllm_glue.pruning:wrap_profile_run",
+        signature=("self", "randomize_inputs"),
+        why="after vLLM's warm-up, one small dummy step through the model's plain forward "
+        "compiles the ops vLLM compiles on their own for that path (scoring steps run it), so "
+        "the first pruned prompt does not pay for it",
+        scope="worker",
+    ),
+    Patch(
         target="vllm.v1.worker.gpu_model_runner:GPUModelRunner._update_states",
         wrap="uniprefill.vllm_glue.pruning:wrap_update_states",
         signature=("self", "scheduler_output"),
@@ -252,6 +261,8 @@ RUNNER_ATTRIBUTES: tuple[str, ...] = (
     "seq_lens",
     "optimistic_seq_lens_cpu",
     "vllm_config.additional_config",
+    "max_num_tokens",
+    "_dummy_run",
     "input_batch.num_reqs",
     "input_batch.req_ids",
     "input_batch.num_computed_tokens_cpu",
@@ -259,6 +270,8 @@ RUNNER_ATTRIBUTES: tuple[str, ...] = (
     "input_batch.num_prompt_tokens_cpu_tensor",
     "input_batch.block_table",
 )
+# On the model's modules that vLLM's @support_torch_compile made (False: it runs compiled).
+COMPILED_MODULE_ATTRIBUTES: tuple[str, ...] = ("do_not_compile",)
 # Per KV-cache group: runner.input_batch.block_table[gid] and runner.attn_groups[gid][i].
 BLOCK_TABLE_ATTRIBUTES: tuple[str, ...] = ("get_device_tensor", "slot_mapping_mode", "block_size")
 ATTENTION_GROUP_ATTRIBUTES: tuple[str, ...] = ("build_metadata", "layer_names")

@@ -40,7 +40,11 @@ from vllm.model_executor.layers.attention import Attention
 from uniprefill.config import CONFIG_KEY, UniPrefillConfig
 from uniprefill.ops import select_tokens
 from uniprefill.requests import request_p
-from uniprefill.vllm_glue.coupling import raise_if_missing, runner_missing_attributes
+from uniprefill.vllm_glue.coupling import (
+    COMPILED_MODULE_ATTRIBUTES,
+    raise_if_missing,
+    runner_missing_attributes,
+)
 from uniprefill.vllm_glue.log import get_logger
 from uniprefill.vllm_glue.stage_metadata import install_stage_metadata, layers_by_stage
 from uniprefill.vllm_glue.step_plan import (
@@ -56,6 +60,7 @@ from uniprefill.vllm_glue.step_plan import (
 
 logger = get_logger(__name__)
 RECENT_PRUNES = 256  # per-request keep counts remembered for status/benchmarks (bounded)
+EAGER_WARM_UP_TOKENS = 256  # rows of the start-up step that warms the eager path up
 
 
 class _PrunedForward:
@@ -247,14 +252,49 @@ def _positions_argument(layer: torch.nn.Module) -> tuple[str, int]:
     return "positions", params.index("positions")
 
 
+def _config_of(runner: Any) -> UniPrefillConfig | None:
+    """The engine's UniPrefill settings; None when it prunes nothing."""
+    raw = (runner.vllm_config.additional_config or {}).get(CONFIG_KEY)
+    config = UniPrefillConfig.from_dict(raw) if raw is not None else None
+    return config if config is not None and config.enabled and config.drop_layers else None
+
+
 def pruner_of(runner: Any) -> Pruner | None:
     """The runner's Pruner, made on first use; None when UniPrefill is off for this engine."""
     if "_uniprefill" not in runner.__dict__:
-        raw = (runner.vllm_config.additional_config or {}).get(CONFIG_KEY)
-        config = UniPrefillConfig.from_dict(raw) if raw is not None else None
-        enabled = config is not None and config.enabled and bool(config.drop_layers)
-        runner._uniprefill = Pruner(runner, config) if enabled else None
+        config = _config_of(runner)
+        runner._uniprefill = Pruner(runner, config) if config is not None else None
     return runner._uniprefill
+
+
+def wrap_profile_run(original: Any) -> Any:
+    def profile_run(self, *args: Any, **kwargs: Any) -> Any:
+        result = original(self, *args, **kwargs)
+        if _config_of(self) is not None:
+            _warm_up_eager_forward(self)
+        return result
+
+    return profile_run
+
+
+def _warm_up_eager_forward(runner: Any) -> None:
+    """One small dummy step through the model's plain forward, as scoring steps run it.
+
+    In a compiled engine vLLM compiles some ops on their own for that path (activation-and-mul
+    ops wrap `forward_native` in torch.compile); this compiles them at start-up instead of in
+    the first pruned prompt's step.
+    """
+    (flag,) = COMPILED_MODULE_ATTRIBUTES
+    graphs = [m for m in runner.model.modules() if getattr(m, flag, True) is False]
+    if not graphs:  # eager engine
+        return
+    for module in graphs:
+        setattr(module, flag, True)
+    try:
+        runner._dummy_run(min(EAGER_WARM_UP_TOKENS, runner.max_num_tokens))
+    finally:
+        for module in graphs:
+            setattr(module, flag, False)
 
 
 def wrap_model_forward(original: Any) -> Any:
