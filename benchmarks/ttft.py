@@ -13,9 +13,12 @@ The header and the JSON meta record the baseline mode, each engine's arguments a
 up running with (compilation mode, chunked prefill, step budget, prefix caching), the machine and
 vLLM's platform. Every request gets its own prompt (a running sample index over the whole run),
 so a prefix cache only helps where the conversation scenario repeats history on purpose. Prompts
-are passkey questions over varied prose (benchmarks/ruler_tasks.py), sized to within ~5% of the
-input length (a few hundred tokens at the least). Before the scenarios, each engine answers one
-prompt per length untimed, so first-call costs stay out of the results (their TTFTs are printed).
+(--corpus) are passkey questions over varied prose (benchmarks/ruler_tasks.py; the answer is
+checked), or Python standard-library source with a question about it (real text; no answer to
+check), sized to within ~5% of the input length (a few hundred tokens at the least). Every fresh
+row also counts the requests whose first 16 tokens UniPrefill and the baseline agree on. Before
+the scenarios, each engine answers one prompt per length untimed, so first-call costs stay out
+of the results (their TTFTs are printed).
 
 Scenarios (--scenarios), each repeated --repeats times; a repeat runs both engines on that
 repeat's fresh prompts, the baseline first in even repeats and UniPrefill first in odd ones:
@@ -55,6 +58,7 @@ import os
 import random
 import statistics
 import sys
+import sysconfig
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
@@ -71,6 +75,7 @@ from uniprefill.config import UniPrefillConfig
 
 ENGINES = ("baseline", "uniprefill")
 QUESTION_TOKENS = 64  # the conversation's second user turn
+AGREEMENT_TOKENS = 16  # UniPrefill agrees with the baseline if its first tokens are the same
 RESULTS = Path(__file__).resolve().parent / "results"
 # What an engine runs with once vLLM's defaults and the plugin's adjustments are in.
 EFFECTIVE = {
@@ -99,25 +104,49 @@ def decode_tps(requests: list[Request]) -> float:
 
 
 class Prompts:
-    """Prompts for a whole run: a running sample index, so no two requests share a prompt."""
+    """Prompts for a whole run: a running sample index, so no two requests share a prompt.
 
-    def __init__(self, tokenizer: Any) -> None:
+    corpus "passkey": a passkey question over varied prose (its answer is checked);
+    corpus "code": Python standard-library source (real text, which keeps more tokens than a
+    haystack does) and a question about it, with no answer to check.
+    """
+
+    def __init__(self, tokenizer: Any, corpus: str = "passkey") -> None:
         self.tokenizer = tokenizer
+        self.corpus = corpus
         self.index = 0
+        if corpus == "code":
+            stdlib = Path(sysconfig.get_paths()["stdlib"])
+            self.sources = [f.read_text(errors="replace") for f in sorted(stdlib.glob("*.py"))]
 
-    def take(self, length: int, count: int) -> tuple[list[list[int]], list[str]]:
-        """`count` chat-formatted passkey prompts of about `length` tokens, and their answers."""
+    def take(self, length: int, count: int) -> tuple[list[list[int]], list[str | None]]:
+        """`count` chat-formatted prompts of about `length` tokens, and their answers."""
         prompts, answers = [], []
         for _ in range(count):
             self.index += 1
-            words, depth = int(length * 0.7), (self.index % 5 + 0.5) / 5
-            for _ in range(4):  # rescale the haystack until the prompt is just under `length`
-                sample = make_sample("passkey", self.index, words, depth=depth)
-                ids = _encode(self.tokenizer, sample.messages)
-                words = int(words * 0.995 * length / len(ids))
+            size = int(length * 0.7)  # words of prose, or characters / 3 of code
+            for _ in range(4):  # rescale the text until the prompt is just under `length`
+                messages, answer = self._sample(size)
+                ids = _encode(self.tokenizer, messages)
+                size = int(size * 0.995 * length / len(ids))
             prompts.append(list(ids))
-            answers.append(sample.answers[0])
+            answers.append(answer)
         return prompts, answers
+
+    def _sample(self, size: int) -> tuple[list[dict], str | None]:
+        if self.corpus == "passkey":
+            depth = (self.index % 5 + 0.5) / 5
+            sample = make_sample("passkey", self.index, size, depth=depth)
+            return sample.messages, sample.answers[0]
+        # Source files in order from one that differs per index, cut to `size` * 3 characters.
+        start = (self.index * 7) % len(self.sources)
+        text, i = "", start
+        while len(text) < size * 3:
+            text += self.sources[i % len(self.sources)]
+            i += 1
+        code = text[: size * 3]
+        question = "What does the last complete function in this code do? Answer in two sentences."
+        return [{"role": "user", "content": f"```python\n{code}\n```\n\n{question}"}], None
 
     def question(self) -> list[int]:
         """A new follow-up question of QUESTION_TOKENS tokens (plain text, no chat markup)."""
@@ -429,7 +458,15 @@ def fresh_row(
     full = sum(len(t) for t in tokens) * bench.depth
     not_pruned = sum(len(t) for t in tokens) - sum(k[0] for k in kept)
     pruned = sum(token_layers(k, bench.drops, bench.depth) for k in kept)
-    correct = {e: sum(a in r.text for r, a in zip(runs[e], answers, strict=True)) for e in ENGINES}
+    checked = [a is not None for a in answers]
+    correct = {
+        e: sum(a is not None and a in r.text for r, a in zip(runs[e], answers, strict=True))
+        for e in ENGINES
+    }
+    same = sum(
+        u.token_ids[:AGREEMENT_TOKENS] == b.token_ids[:AGREEMENT_TOKENS]
+        for u, b in zip(runs["uniprefill"], runs["baseline"], strict=True)
+    )
     return {
         "scenario": "fresh",
         "input_len": round(statistics.mean(len(t) for t in tokens)),
@@ -445,7 +482,8 @@ def fresh_row(
             f"decode_tps_{e}": statistics.median(decode_tps(rep[e]) for rep in repeats)
             for e in ENGINES
         },
-        **{f"accuracy_{e}": f"{correct[e]}/{len(answers)}" for e in ENGINES},
+        **{f"accuracy_{e}": f"{correct[e]}/{sum(checked)}" for e in ENGINES},
+        "same_first_tokens": f"{same}/{len(answers)}",
         "kept_per_stage": [round(statistics.mean(s)) for s in zip(*kept, strict=True)]
         if kept
         else [],
@@ -538,7 +576,8 @@ def _speedup(r: dict) -> str:
 
 def print_fresh(rows: list[dict]) -> None:
     head = ("len", "conc", "reqs", "TTFT base med/p90 s", "TTFT uni med/p90 s",
-            "speedup [min-max]", "ideal", "decode tok/s base/uni", "passkey base/uni")  # fmt: skip
+            "speedup [min-max]", "ideal", "decode tok/s base/uni", "passkey base/uni",
+            f"same first {AGREEMENT_TOKENS} tokens")  # fmt: skip
     print(" | ".join(head))
     for r in rows:
         print(f"{r['input_len']} | {r['concurrency']} | {r['requests']} | "
@@ -546,7 +585,8 @@ def print_fresh(rows: list[dict]) -> None:
               f"{r['ttft_median_uniprefill']:.2f}/{r['ttft_p90_uniprefill']:.2f} | "
               f"{_speedup(r)} | {r['ideal_speedup']:.2f}x | "
               f"{r['decode_tps_baseline']:.1f}/{r['decode_tps_uniprefill']:.1f} | "
-              f"{r['accuracy_baseline']} / {r['accuracy_uniprefill']}", flush=True)  # fmt: skip
+              f"{r['accuracy_baseline']} / {r['accuracy_uniprefill']} | "
+              f"{r['same_first_tokens']}", flush=True)  # fmt: skip
 
 
 def print_ratios(rows: list[dict]) -> None:
@@ -611,6 +651,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--output-len", type=int, default=32)
     parser.add_argument("--short-len", type=int, default=512)
     parser.add_argument("--decode-len", type=int, default=128)
+    parser.add_argument("--corpus", choices=["passkey", "code"], default="passkey")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--uniprefill", default="{}", help="UniPrefill settings, JSON")
     parser.add_argument("--kv-cache-gib", type=int, default=2, help="per engine")
@@ -642,6 +683,7 @@ def main() -> None:
         "baseline": args.baseline,
         "baseline_means": BASELINES[args.baseline],
         "dtype": args.dtype,
+        "corpus": args.corpus,
         "uniprefill": resolved.to_dict(),
         "engine_args": per_engine,
         "argv": sys.argv,
@@ -654,7 +696,7 @@ def main() -> None:
         for key, value in meta.items():
             print(f"# {key}: {value}", flush=True)
         drops, depth = list(resolved.drop_layers), text_config.num_hidden_layers
-        bench = Bench(made, Prompts(tokenizer), args, drops, depth)
+        bench = Bench(made, Prompts(tokenizer, args.corpus), args, drops, depth)
         meta["warm_up_ttft"] = warm_up(bench)
         print(f"# warm-up TTFT s, one prompt per length: {meta['warm_up_ttft']}", flush=True)
         for name, scenario in SCENARIOS.items():
