@@ -161,9 +161,9 @@ def all_stages(plan: StepPlan, positions: torch.Tensor) -> list[StageRows]:
 
 def pruned_offsets(plan: StepPlan, stages: Sequence[StageRows]) -> dict[str, tuple[int, ...]]:
     """After a step that scored prompts: the KV offsets (stages 1..S) of each prompt it pruned."""
-    offsets = torch.stack([s.kv_offsets for s in stages[1:]]) if len(stages) > 1 else None
-    if offsets is None:
+    if len(stages) < 2:
         return {}
+    offsets = torch.stack([s.kv_offsets for s in stages[1:]])
     return {
         plan.req_ids[i]: tuple(offsets[:, i].tolist())
         for i in plan.scored.nonzero().flatten().tolist()
