@@ -552,7 +552,7 @@ def conversation(bench: Bench) -> list[dict]:
 
 def decode(bench: Bench) -> list[dict]:
     args, rows = bench.args, []
-    for length in (args.input_lens[0], args.short_len):
+    for length in dict.fromkeys((args.input_lens[0], args.short_len)):
         tps, lengths = {e: [] for e in ENGINES}, []
         for repeat in range(args.repeats):
             (ids,), _ = bench.prompts.take(length, 1)
