@@ -166,6 +166,11 @@ def _haystack(rng: random.Random, needles: list[str], depth: float, words: int) 
     return "\n".join(paragraphs)
 
 
+def prose(seed: str, words: int) -> str:
+    """A haystack of about `words` words without needles."""
+    return _haystack(random.Random(seed), [], 0.0, words)
+
+
 def _number(rng: random.Random) -> str:
     return str(rng.randint(10000, 99999))
 

@@ -35,6 +35,18 @@ repeat's fresh prompts, the baseline first in even repeats and UniPrefill first 
     question. TTFT of turn 2; stock vLLM serves the repeated history from its prefix cache.
   decode: tokens/s after the first token of one long (the first input length) and one
     --short-len request, each generating --decode-len tokens alone.
+  growing: a conversation of --short-len turns (each a new prompt after the engine's answer to
+    the last) until the history reaches the first input length; every turn's TTFT. Stock vLLM
+    and UniPrefill both read the history from the prefix cache.
+  document: a document of the first input length with three magic numbers in it (at 50%, 15%
+    and 85% of its depth); a three-turn conversation asks for one per turn. Each turn's TTFT,
+    their sum, and the answers that hold the number asked for. UniPrefill's setting
+    repeated_prefix decides what its turns 2 and 3 do (--uniprefill '{"repeated_prefix": ...}').
+  shared: the same document, with three separate requests, one per magic number.
+  partial: per --cached-shares, a prompt of the first input length whose first part was sent
+    just before (unpruned, so it is cached): TTFT of the whole prompt. Run with UniPrefill's
+    cached_share at 1.0 it compares pruning the prompt against stock's cached path (the choice
+    behind cached_share's default).
 Each row's speedup is the median of the per-repeat ratios (baseline / UniPrefill TTFT;
 UniPrefill / baseline tokens/s for decode), with their min and max: ratios near 1 need 10 or
 more repeats before they mean anything.
@@ -68,13 +80,15 @@ from pathlib import Path
 from typing import Any
 
 from machine import machine
-from ruler_tasks import DID, WHAT, WHEN, WHO, make_sample
+from ruler_tasks import DID, WHAT, WHEN, WHO, make_sample, prose
 
 from uniprefill import models, serve
 from uniprefill.config import UniPrefillConfig
 
 ENGINES = ("baseline", "uniprefill")
 QUESTION_TOKENS = 64  # the conversation's second user turn
+NEEDLE_DEPTHS = (0.5, 0.15, 0.85)  # where a document's magic numbers sit, in the order asked
+MAGIC_KEYS = ["amber", "cobalt", "olive", "crimson", "ivory", "teal", "saffron", "slate"]
 AGREEMENT_TOKENS = 16  # UniPrefill agrees with the baseline if its first tokens are the same
 RESULTS = Path(__file__).resolve().parent / "results"
 # What an engine runs with once vLLM's defaults and the plugin's adjustments are in.
@@ -138,15 +152,42 @@ class Prompts:
             depth = (self.index % 5 + 0.5) / 5
             sample = make_sample("passkey", self.index, size, depth=depth)
             return sample.messages, sample.answers[0]
-        # Source files in order from one that differs per index, cut to `size` * 3 characters.
+        question = "What does the last complete function in this code do? Answer in two sentences."
+        return [
+            {"role": "user", "content": f"```python\n{self._code(size)}\n```\n\n{question}"}
+        ], None
+
+    def _code(self, size: int) -> str:
+        """Source files in order from one that differs per index, cut to `size` * 3 characters."""
         start = (self.index * 7) % len(self.sources)
         text, i = "", start
         while len(text) < size * 3:
             text += self.sources[i % len(self.sources)]
             i += 1
-        code = text[: size * 3]
-        question = "What does the last complete function in this code do? Answer in two sentences."
-        return [{"role": "user", "content": f"```python\n{code}\n```\n\n{question}"}], None
+        return text[: size * 3]
+
+    def document(self, length: int) -> Document:
+        """A document of about `length` tokens (prose, or code for the code corpus) with a magic
+        number at each of NEEDLE_DEPTHS, and the questions that ask for them."""
+        self.index += 1
+        rng = random.Random(f"document/{self.index}")
+        keys = rng.sample(MAGIC_KEYS, len(NEEDLE_DEPTHS))
+        values = [str(rng.randint(10000, 99999)) for _ in keys]
+        size = int(length * 0.7)
+        for _ in range(4):  # rescale the text until the first turn is just under `length`
+            if self.corpus == "code":
+                lines = self._code(size).split("\n")
+                needle = "# The special magic number for {} is {}."
+            else:
+                lines = prose(f"document/{self.index}", size).split("\n")
+                needle = "The special magic number for {} is {}."
+            for depth, key, value in sorted(
+                zip(NEEDLE_DEPTHS, keys, values, strict=True), reverse=True
+            ):
+                lines.insert(round(depth * len(lines)), needle.format(key, value))
+            doc = Document(self.tokenizer, "\n".join(lines), keys, values)
+            size = int(size * 0.995 * length / len(doc.ask(0)))
+        return doc
 
     def question(self) -> list[int]:
         """A new follow-up question of QUESTION_TOKENS tokens (plain text, no chat markup)."""
@@ -156,6 +197,42 @@ class Prompts:
         said = " ".join("{}, {} {} {}.".format(*map(rng.choice, pools)) for _ in range(6))
         text = f"\n\nThanks. Now, in these notes, who did what, and when? {said}"
         return self.tokenizer(text, add_special_tokens=False)["input_ids"][:QUESTION_TOKENS]
+
+
+@dataclass
+class Document:
+    """A long text with magic numbers in it: `ask(i)` is a fresh prompt asking for number i,
+    `follow_up(i, ids, answer)` the next turn of a conversation asking for it."""
+
+    tokenizer: Any
+    text: str
+    keys: list[str]
+    values: list[str]
+
+    def question(self, i: int) -> str:
+        return f"What is the special magic number for {self.keys[i]}? Answer briefly."
+
+    def ask(self, i: int) -> list[int]:
+        content = f"Read the text below and answer the question after it.\n\n{self.text}"
+        return _encode(
+            self.tokenizer, [{"role": "user", "content": f"{content}\n\n{self.question(i)}"}]
+        )
+
+    def follow_up(self, i: int, ids: list[int], answer: list[int]) -> list[int]:
+        """The conversation so far (`ids`, then `answer`'s tokens) and a user turn asking i."""
+        if self.tokenizer.chat_template is None:
+            text = f"\n\nQuestion: {self.question(i)}\nThe magic number is"
+            return ids + answer + self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        mark = "\x00ANSWER\x00"  # the template's text between an answer and the next prompt
+        rendered = self.tokenizer.apply_chat_template(
+            [{"role": "user", "content": "x"}, {"role": "assistant", "content": mark},
+             {"role": "user", "content": self.question(i)}],
+            add_generation_prompt=True, tokenize=False,
+        )  # fmt: skip
+        turn = self.tokenizer(rendered.split(mark, 1)[1], add_special_tokens=False)["input_ids"]
+        if answer and turn and answer[-1] == turn[0]:  # the answer ended with the end-of-turn
+            turn = turn[1:]
+        return ids + answer + turn
 
 
 def _encode(tokenizer: Any, messages: list[dict]) -> list[int]:
@@ -211,8 +288,10 @@ class Engine(ABC):
         max_tokens: int,
         concurrency: int = 1,
         ignore_eos: bool = False,
+        extra_args: dict | None = None,
     ) -> list[Request]:
-        """Greedy completions of `prompts`, `concurrency` in flight at a time, in prompt order."""
+        """Greedy completions of `prompts`, `concurrency` in flight at a time, in prompt order;
+        `extra_args`: per-request controls (vllm_xargs)."""
 
     @abstractmethod
     def config(self) -> dict[str, Any]:
@@ -247,11 +326,14 @@ class OfflineEngine(Engine):
         max_tokens: int,
         concurrency: int = 1,
         ignore_eos: bool = False,
+        extra_args: dict | None = None,
     ) -> list[Request]:
         from vllm import SamplingParams
 
         core = self.llm.llm_engine
-        params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=ignore_eos)
+        params = SamplingParams(
+            temperature=0, max_tokens=max_tokens, ignore_eos=ignore_eos, extra_args=extra_args
+        )
         pending = list(enumerate(prompts))
         submitted, times, done = {}, {}, {}
         while pending or core.has_unfinished_requests():
@@ -315,10 +397,11 @@ class ServedEngine(Engine):
         max_tokens: int,
         concurrency: int = 1,
         ignore_eos: bool = False,
+        extra_args: dict | None = None,
     ) -> list[Request]:
-        return asyncio.run(self._run(prompts, max_tokens, concurrency, ignore_eos))
+        return asyncio.run(self._run(prompts, max_tokens, concurrency, ignore_eos, extra_args))
 
-    async def _run(self, prompts, max_tokens, concurrency, ignore_eos) -> list[Request]:
+    async def _run(self, prompts, max_tokens, concurrency, ignore_eos, extra_args) -> list[Request]:
         import openai
 
         client = openai.AsyncOpenAI(base_url=f"{self.url}/v1", api_key="-")
@@ -330,7 +413,8 @@ class ServedEngine(Engine):
                 stream = await client.completions.create(
                     model=self.name, prompt=ids, max_tokens=max_tokens, temperature=0,
                     stream=True, stream_options={"include_usage": True},
-                    extra_body={"ignore_eos": ignore_eos, "return_token_ids": True},
+                    extra_body={"ignore_eos": ignore_eos, "return_token_ids": True,
+                                "vllm_xargs": extra_args},
                 )  # fmt: skip
                 text, times, out_ids = "", [], []
                 async for chunk in stream:  # the usage chunk has no choices
@@ -564,7 +648,117 @@ def decode(bench: Bench) -> list[dict]:
     return rows
 
 
-SCENARIOS = {"fresh": fresh, "short": short, "conversation": conversation, "decode": decode}
+def grow(engine: Engine, turns: list[list[int]], output_len: int) -> list[tuple[Request, int]]:
+    """A conversation of `turns` (each a chat-formatted prompt added to the history so far,
+    after the engine's answer to the previous one): every turn's answer and prompt length."""
+    history, out = [], []
+    for turn in turns:
+        ids = history + turn
+        (answer,) = engine.run([ids], output_len, ignore_eos=True)
+        out.append((answer, len(ids)))
+        history = ids + answer.token_ids
+    return out
+
+
+def growing(bench: Bench) -> list[dict]:
+    """Turns of --short-len tokens, until the history reaches the first input length."""
+    args = bench.args
+    ttft, lengths = {e: [] for e in ENGINES}, []
+    count = max(2, args.input_lens[0] // (args.short_len + args.output_len))
+    for repeat in range(args.repeats):
+        turns = [bench.prompts.take(args.short_len, 1)[0][0] for _ in range(count)]
+        for name, answered in interleaved(bench.made, repeat, grow, turns, args.output_len).items():
+            ttft[name] += [request.ttft for request, _ in answered]
+            if name == "baseline":
+                lengths += [turn_len for _, turn_len in answered]
+    row = ratio_row("growing", args.input_lens[0], lengths, "ttft", ttft)
+    row["turn_lens"] = lengths
+    return [row]
+
+
+def talk(engine: Engine, doc: Document, output_len: int) -> list[tuple[Request, int]]:
+    """Turn i asks for the document's magic number i, in one conversation."""
+    ids, answer, out = doc.ask(0), [], []
+    for i in range(len(doc.keys)):
+        if i:
+            ids = doc.follow_up(i, ids, answer)
+        (request,) = engine.run([ids], output_len)
+        out.append((request, len(ids)))
+        answer = request.token_ids
+    return out
+
+
+def ask_each(engine: Engine, doc: Document, output_len: int) -> list[tuple[Request, int]]:
+    """A fresh request per magic number: the same document, a different question each."""
+    asked = [doc.ask(i) for i in range(len(doc.keys))]
+    return list(zip(engine.run(asked, output_len), map(len, asked), strict=True))
+
+
+def document(bench: Bench) -> list[dict]:
+    """A conversation of three turns over one document of the first input length."""
+    return _document_rows(bench, "document", talk)
+
+
+def shared(bench: Bench) -> list[dict]:
+    """Three requests, one after another, on one document of the first input length."""
+    return _document_rows(bench, "shared", ask_each)
+
+
+def _document_rows(bench: Bench, scenario: str, job: Callable) -> list[dict]:
+    """A row per turn (request) of `job`, and one of their summed TTFT; each with the share
+    of answers that hold the magic number asked for."""
+    args, turns = bench.args, len(NEEDLE_DEPTHS)
+    ttft = [{e: [] for e in ENGINES} for _ in range(turns)]
+    correct = [dict.fromkeys(ENGINES, 0) for _ in range(turns)]
+    lengths = [[] for _ in range(turns)]
+    for repeat in range(args.repeats):
+        doc = bench.prompts.document(args.input_lens[0])
+        for name, answered in interleaved(bench.made, repeat, job, doc, args.output_len).items():
+            for i, (request, turn_len) in enumerate(answered):
+                ttft[i][name].append(request.ttft)
+                correct[i][name] += doc.values[i] in request.text
+                lengths[i].append(turn_len)
+    rows = []
+    for i in range(turns):
+        rows.append(ratio_row(f"{scenario} turn {i + 1}", args.input_lens[0], lengths[i], "ttft",
+                              ttft[i]))  # fmt: skip
+        rows[-1] |= {f"accuracy_{e}": f"{correct[i][e]}/{args.repeats}" for e in ENGINES}
+    summed = {e: [sum(t[e][r] for t in ttft) for r in range(args.repeats)] for e in ENGINES}
+    rows.append(ratio_row(f"{scenario} sum", args.input_lens[0], lengths[-1], "ttft", summed))
+    return rows
+
+
+def cached_part(engine: Engine, ids: list[int], share: float) -> Request:
+    """The first `share` of `ids` answered unpruned (so it is cached), then `ids`' first token."""
+    engine.run([ids[: int(share * len(ids))]], 1, extra_args={"uniprefill_enabled": False})
+    return first_token(engine, ids)
+
+
+def partial(bench: Bench) -> list[dict]:
+    """Per --cached-shares: a prompt of the first input length whose first part is cached."""
+    args, rows = bench.args, []
+    for share in args.cached_shares:
+        ttft, lengths = {e: [] for e in ENGINES}, []
+        for repeat in range(args.repeats):
+            (ids,), _ = bench.prompts.take(args.input_lens[0], 1)
+            for name, request in interleaved(bench.made, repeat, cached_part, ids, share).items():
+                ttft[name].append(request.ttft)
+            lengths.append(len(ids))
+        rows.append(ratio_row(f"partial {share:.2f} cached", args.input_lens[0], lengths, "ttft",
+                              ttft))  # fmt: skip
+    return rows
+
+
+SCENARIOS = {
+    "fresh": fresh,
+    "short": short,
+    "conversation": conversation,
+    "decode": decode,
+    "growing": growing,
+    "document": document,
+    "shared": shared,
+    "partial": partial,
+}
 
 
 # ---- report ----------------------------------------------------------------------------------
@@ -651,6 +845,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--output-len", type=int, default=32)
     parser.add_argument("--short-len", type=int, default=512)
     parser.add_argument("--decode-len", type=int, default=128)
+    parser.add_argument("--cached-shares", type=float, nargs="+", default=[0.25, 0.5, 0.75])
     parser.add_argument("--corpus", choices=["passkey", "code"], default="passkey")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--uniprefill", default="{}", help="UniPrefill settings, JSON")

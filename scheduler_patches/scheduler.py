@@ -2,8 +2,18 @@
 place when UniPrefill is enabled (`scheduler_cls`). The vLLM methods it overrides are listed in
 `uniprefill/vllm_glue/coupling.py` (OVERRIDES).
 
-Three duties for a request that will be pruned (decided from the request alone, as the worker
-decides it; see uniprefill.requests):
+Whether a prunable prompt (uniprefill.requests) is pruned is decided here, at its prefix-cache
+lookup, when it is first scheduled:
+- a prompt whose cached prefix covers at least `cached_share` of it takes the cache and is not
+  pruned (the uncached rest is short);
+- a prompt that repeats a recently pruned prompt by that share (a conversation's next turn over
+  a pruned document) is not pruned either under `repeated_prefix: "fill"`: it is prefilled in
+  full once, fills the cache, and later turns read it; under "prune" it is pruned again;
+- any other prunable prompt ignores its (short) cache hit and is pruned.
+A prompt decided "not pruned" gets `uniprefill_enabled: false` in its own request controls, which
+travel with it to the workers: they prune exactly the prompts the scheduler marked.
+
+Three duties for a prompt that will be pruned:
 - its prompt is prefilled in one step, never in chunks: the selection needs the prompt's last
   queries over all of its keys. It waits for a step with room instead;
 - its KV blocks never enter or come from the prefix cache: after a drop layer they hold the
@@ -18,6 +28,7 @@ decides it; see uniprefill.requests):
 from __future__ import annotations
 
 import os
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -26,7 +37,7 @@ from vllm.v1.core.single_type_kv_cache_manager import SlidingWindowManager
 from vllm.v1.request import Request
 
 from uniprefill.config import CONFIG_KEY, UniPrefillConfig
-from uniprefill.requests import request_p, will_prune
+from uniprefill.requests import keep_unpruned, request_p, will_prune
 from uniprefill.vllm_glue.coupling import (
     SCHEDULER_ATTRIBUTES,
     missing_attributes,
@@ -36,6 +47,7 @@ from uniprefill.vllm_glue.log import get_logger
 from uniprefill.vllm_glue.patches import applied_patches
 
 logger = get_logger(__name__)
+RECENTLY_PRUNED = 64  # prompts whose block hashes `repeated_prefix: "fill"` compares against
 
 
 class UniPrefillScheduler(Scheduler):
@@ -43,7 +55,9 @@ class UniPrefillScheduler(Scheduler):
         super().__init__(vllm_config, *args, **kwargs)
         raise_if_missing(missing_attributes(self, SCHEDULER_ATTRIBUTES), "Scheduler")
         self.uniprefill = UniPrefillConfig.from_dict(vllm_config.additional_config[CONFIG_KEY])
-        self.pruned_req_ids: set[str] = set()  # may be pruned: no prefix cache, no chunking
+        self.pruned_req_ids: set[str] = set()  # pruned: no prefix cache, no chunking
+        # Block hashes of recently pruned prompts, oldest first (they never enter the cache).
+        self.recently_pruned: OrderedDict[str, frozenset[Any]] = OrderedDict()
         # Two KV-cache coordinator operations that pruned requests skip: filling the prefix
         # cache, and freeing blocks outside a sliding window.
         coordinator = self.kv_cache_manager.coordinator
@@ -65,7 +79,8 @@ class UniPrefillScheduler(Scheduler):
             os.getpid(),
             len(applied_patches()),
             self.uniprefill.to_dict(),
-            "stays on for unpruned requests; pruned requests neither read nor fill it"
+            "stays on: a prompt mostly in the cache is read from it, not pruned; pruned prompts "
+            "neither read nor fill it"
             if self.kv_cache_manager.enable_caching
             else "is off",
         )
@@ -81,12 +96,42 @@ class UniPrefillScheduler(Scheduler):
 
         return call
 
-    def add_request(self, request: Request) -> None:
+    def _get_local_prefix_cache_hit(self, request: Request) -> tuple[Any, int, int, bool]:
+        hit = super()._get_local_prefix_cache_hit(request)
+        self.pruned_req_ids.discard(request.request_id)
         p = request_p(self.uniprefill, request.sampling_params)
-        if will_prune(self.uniprefill, p, request.num_prompt_tokens):
-            self.pruned_req_ids.add(request.request_id)
-            request.skip_reading_prefix_cache = True
-        super().add_request(request)
+        if request.num_output_tokens > 0 or not will_prune(
+            self.uniprefill, p, request.num_prompt_tokens
+        ):
+            return hit  # the workers prune only fresh prompts: nothing to decide
+        enough = self.uniprefill.cached_share * request.num_prompt_tokens
+        if hit[1] >= enough or self._repeated_tokens(request) >= enough:
+            keep_unpruned(request.sampling_params)
+            return hit
+        self.pruned_req_ids.add(request.request_id)
+        self._remember_pruned(request)
+        return self.kv_cache_manager.empty_kv_cache_blocks, 0, 0, False
+
+    def _repeated_tokens(self, request: Request) -> int:
+        """Prompt tokens (whole blocks) `request` repeats from a recently pruned prompt, under
+        `repeated_prefix: "fill"` with prefix caching on (else 0)."""
+        if self.uniprefill.repeated_prefix != "fill" or not self.kv_cache_manager.enable_caching:
+            return 0
+        hashes, longest = request.block_hashes, 0
+        for req_id, pruned in self.recently_pruned.items():
+            if req_id != request.request_id and hashes and hashes[0] in pruned:
+                # Chained hashes: a block matches only if every block before it does.
+                same = next((i for i, h in enumerate(hashes) if h not in pruned), len(hashes))
+                longest = max(longest, same)
+        return longest * self.hash_block_size
+
+    def _remember_pruned(self, request: Request) -> None:
+        if self.uniprefill.repeated_prefix != "fill":
+            return
+        self.recently_pruned[request.request_id] = frozenset(request.block_hashes)
+        self.recently_pruned.move_to_end(request.request_id)
+        while len(self.recently_pruned) > RECENTLY_PRUNED:
+            self.recently_pruned.popitem(last=False)
 
     def _reserve_prefill_lookahead(
         self, request: Request, num_computed_tokens: int, num_new_tokens: int

@@ -17,6 +17,7 @@ from uniprefill.ops.select.rule import SelectionRule, check_p
 CONFIG_KEY = "uniprefill"  # the key of vLLM's additional_config that carries these settings
 FULL_ATTENTION = "full_attention"
 LINEAR_ATTENTION = "linear_attention"
+REPEATED_PREFIX = ("fill", "prune")  # UniPrefillConfig.repeated_prefix
 # Named settings: `{"preset": "paper"}` is the paper's rule with its defaults; keys given next to
 # a preset override it.
 PRESETS = {
@@ -43,6 +44,11 @@ class UniPrefillConfig:
         must be a full-attention layer.
     min_prompt_len: prompts shorter than this are never pruned.
     normalize_over: "all_blocks" (the paper) or "unforced_blocks" (see ops/select/rule.py).
+    cached_share: a prompt whose prefix-cache hit covers at least this share of it is served
+        from the cache and not pruned, in (0, 1] (docs/benchmarks.md, prefix caching).
+    repeated_prefix: a prompt that repeats a recently pruned prompt by at least `cached_share`
+        (a conversation's next turn over a pruned document): "fill" prefills it unpruned once,
+        so it fills the prefix cache and later turns read it; "prune" prunes it again.
     """
 
     enabled: bool = True
@@ -53,6 +59,8 @@ class UniPrefillConfig:
     drop_layers: str | tuple[int, ...] = "auto"
     min_prompt_len: int = 1024
     normalize_over: str = "all_blocks"
+    cached_share: float = 0.5
+    repeated_prefix: str = "fill"
 
     def __post_init__(self) -> None:
         if not isinstance(self.enabled, bool):
@@ -63,6 +71,14 @@ class UniPrefillConfig:
         except ValueError as e:
             raise ValueError(f"uniprefill.{e}") from None
         _check_drop_layers(self.drop_layers)
+        share = self.cached_share
+        if isinstance(share, bool) or not isinstance(share, int | float) or not 0 < share <= 1:
+            raise ValueError(f"uniprefill.cached_share must be a number in (0, 1], got {share!r}")
+        if self.repeated_prefix not in REPEATED_PREFIX:
+            raise ValueError(
+                f"uniprefill.repeated_prefix must be one of {list(REPEATED_PREFIX)}, "
+                f"got {self.repeated_prefix!r}"
+            )
 
     @property
     def rule(self) -> SelectionRule:

@@ -65,6 +65,12 @@ def parse_request_controls(extra_args: Mapping[str, Any] | None) -> float | None
     return p
 
 
+def keep_unpruned(sampling_params: Any) -> None:
+    """Turn pruning off for one request, as `uniprefill_enabled: false` does: the scheduler's
+    way of telling the workers it serves this prompt unpruned (from the prefix cache)."""
+    sampling_params.extra_args = {**(sampling_params.extra_args or {}), ENABLED_KEY: False}
+
+
 def request_p(config: UniPrefillConfig, sampling_params: Any) -> float:
     """The top-p mass a request is pruned with; 1.0 means it is not pruned.
 

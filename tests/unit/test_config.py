@@ -31,6 +31,10 @@ def test_defaults_follow_the_paper_rule():
         ({"drop_layers": [5, 3]}, "strictly increasing"),
         ({"enabled": "yes"}, "enabled must be true or false"),
         ({"normalize_over": "some"}, r"normalize_over must be one of \['all_blocks'"),
+        ({"cached_share": 0}, r"^uniprefill\.cached_share must be a number in \(0, 1\]"),
+        ({"cached_share": 1.2}, r"cached_share must be a number in \(0, 1\], got 1.2"),
+        ({"cached_share": True}, "cached_share must be a number"),
+        ({"repeated_prefix": "reuse"}, r"repeated_prefix must be one of \['fill', 'prune'\]"),
         (
             {"top_p": 0.9},
             r"unknown uniprefill setting\(s\) \['top_p'\]; valid settings: preset, enabled",

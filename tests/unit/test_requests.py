@@ -5,7 +5,7 @@ from types import SimpleNamespace
 import pytest
 
 from uniprefill.config import UniPrefillConfig
-from uniprefill.requests import parse_request_controls, request_p, will_prune
+from uniprefill.requests import keep_unpruned, parse_request_controls, request_p, will_prune
 
 CONFIG = UniPrefillConfig(p=0.95, drop_layers=(2, 4), sink=16, last_q=16, min_prompt_len=100)
 
@@ -67,3 +67,13 @@ def test_will_prune_follows_the_operators_length_rule():
     assert not will_prune(CONFIG, 0.9, 99)  # below min_prompt_len
     assert not will_prune(CONFIG, 1.0, 5000)
     assert not will_prune(UniPrefillConfig(sink=64, last_q=64, min_prompt_len=0), 0.9, 128)
+
+
+def test_keep_unpruned_turns_a_request_off_and_keeps_its_other_args():
+    """The scheduler's decision, as the workers read it: p 1.0, other extra args untouched."""
+    theirs = {"other_plugin": 1, "uniprefill_p": 0.5}
+    request = params(theirs)
+    keep_unpruned(request)
+    assert request_p(CONFIG, request) == 1.0
+    assert request.extra_args["other_plugin"] == 1
+    assert theirs == {"other_plugin": 1, "uniprefill_p": 0.5}  # a new dict, not theirs changed

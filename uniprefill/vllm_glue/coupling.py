@@ -141,10 +141,11 @@ OVERRIDES: tuple[Override, ...] = (
         "reads UniPrefill's settings and rebinds two coordinator methods (below)",
     ),
     Override(
-        f"{_SCHEDULER}.add_request",
+        f"{_SCHEDULER}._get_local_prefix_cache_hit",
         ("self", "request"),
         _OURS,
-        "marks requests that will be pruned; they skip reading the prefix cache",
+        "decides at the lookup whether a prunable prompt is pruned (then it ignores its hit) or "
+        "served from the prefix cache",
     ),
     Override(
         f"{_SCHEDULER}._reserve_prefill_lookahead",
@@ -276,6 +277,8 @@ COMPILED_MODULE_ATTRIBUTES: tuple[str, ...] = ("do_not_compile",)
 BLOCK_TABLE_ATTRIBUTES: tuple[str, ...] = ("get_device_tensor", "slot_mapping_mode", "block_size")
 ATTENTION_GROUP_ATTRIBUTES: tuple[str, ...] = ("build_metadata", "layer_names")
 SCHEDULER_ATTRIBUTES: tuple[str, ...] = (
+    "hash_block_size",
+    "kv_cache_manager.empty_kv_cache_blocks",
     "kv_cache_manager.enable_caching",
     "kv_cache_manager.coordinator.single_type_managers",
     "kv_cache_manager.coordinator.cache_blocks",
@@ -287,7 +290,7 @@ REQUEST_ATTRIBUTES: tuple[str, ...] = (
     "num_prompt_tokens",
     "num_output_tokens",
     "num_tokens",
-    "skip_reading_prefix_cache",
+    "block_hashes",
 )
 
 
