@@ -486,9 +486,10 @@ class Bench:
 
 
 def warm_up(bench: Bench) -> dict[str, list[float]]:
-    """A few tokens of one prompt per length on each engine, untimed by the scenarios, so that
-    first-call costs (compilation, the first pruned prefill) stay out of them; their TTFTs."""
-    lengths = sorted({*bench.args.input_lens, bench.args.short_len})
+    """A few tokens of one prompt per length (--warm-up-lens; default: every length of the run)
+    on each engine, untimed by the scenarios, so that first-call costs (compilation, the first
+    pruned prefill) stay out of them; their TTFTs."""
+    lengths = bench.args.warm_up_lens or sorted({*bench.args.input_lens, bench.args.short_len})
     ids = [bench.prompts.take(length, 1)[0][0] for length in lengths]
     return {name: [r.ttft for r in engine.run(ids, 4)] for name, engine in bench.made.items()}
 
@@ -845,6 +846,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--output-len", type=int, default=32)
     parser.add_argument("--short-len", type=int, default=512)
     parser.add_argument("--decode-len", type=int, default=128)
+    parser.add_argument("--warm-up-lens", type=int, nargs="+", help="default: every length")
     parser.add_argument("--cached-shares", type=float, nargs="+", default=[0.25, 0.5, 0.75])
     parser.add_argument("--corpus", choices=["passkey", "code"], default="passkey")
     parser.add_argument("--dtype", default="float32")

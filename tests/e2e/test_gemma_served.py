@@ -47,7 +47,7 @@ def test_pruned_long_prompt_is_continued_like_the_unpruned_one(server):
             extra_body={"vllm_xargs": xargs} if xargs else None,
         )
 
-    unpruned, pruned = complete(uniprefill_enabled=False), complete()
+    pruned, unpruned = complete(), complete(uniprefill_enabled=False)  # pruned first: uncached
     assert pruned.usage.prompt_tokens > 1500  # above the default min_prompt_len (1024)
     assert unpruned.choices[0].text.strip().startswith("Thursday")
     assert pruned.choices[0].text.strip().startswith("Thursday")

@@ -36,6 +36,12 @@ def greedy(**extra_args) -> SamplingParams:
     )
 
 
+def alone(prompt: list[int]) -> dict:
+    """`prompt` under a cache salt of its own: sent again later without it, it is a new prompt
+    to the scheduler, which prunes it again rather than treat it as a repeat of a pruned one."""
+    return {"prompt_token_ids": prompt, "cache_salt": "alone"}
+
+
 def tokens_of(outputs) -> list[list[int]]:
     return [list(out.outputs[0].token_ids) for out in outputs]
 
@@ -118,14 +124,18 @@ def test_pruned_requests_keep_what_the_reference_keeps_and_say_the_same(engine, 
     "controls", [{"uniprefill_enabled": False}, {"uniprefill_p": 1.0}], ids=["off", "p1"]
 )
 def test_pruning_off_for_a_request_gives_baseline_tokens(engine, baseline_tokens, controls):
+    """The prompts the first test prunes (and the reference shows pruning changes their tokens),
+    sent with pruning off: unpruned, stock's tokens."""
     batch = [{"prompt_token_ids": p} for p in random_prompts()]
-    assert tokens_of(engine.generate(batch, greedy(**controls))) == baseline_tokens
-    assert tokens_of(engine.generate(batch, greedy())) != baseline_tokens  # pruning does act
+    outputs = engine.generate(batch, greedy(**controls))
+    assert tokens_of(outputs) == baseline_tokens
+    _, recent = live_and_recent(engine)
+    assert not {out.request_id for out in outputs} & set(recent)
 
 
 def test_pruned_prefill_alongside_decodes_gives_each_request_its_solo_tokens(engine):
     batch = random_prompts((700, 30, 1200, 50, 600), seed=1)
-    solo = [tokens_of(engine.generate([{"prompt_token_ids": p}], greedy()))[0] for p in batch]
+    solo = [tokens_of(engine.generate([alone(p)], greedy()))[0] for p in batch]
 
     core = engine.llm_engine
     engine.collective_rpc(count_python_forwards)
@@ -199,7 +209,7 @@ def test_preempted_request_is_recomputed_unpruned_and_leaves_no_state(prepared):
         additional_config={"uniprefill": TINY_SETTINGS},
         **engine_args,
     ) as llm:
-        solo = [tokens_of(llm.generate([{"prompt_token_ids": p}], params))[0] for p in batch]
+        solo = [tokens_of(llm.generate([alone(p)], params))[0] for p in batch]
         outputs = llm.generate([{"prompt_token_ids": p} for p in batch], params)
         live, recent = live_and_recent(llm)
     together = tokens_of(outputs)
