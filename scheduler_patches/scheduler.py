@@ -4,8 +4,8 @@ place when UniPrefill is enabled (`scheduler_cls`). The vLLM methods it override
 
 Whether a prunable prompt (uniprefill.requests) is pruned is decided here, at its prefix-cache
 lookup, when it is first scheduled:
-- a prompt whose cached prefix covers at least `cached_share` of it takes the cache and is not
-  pruned (the uncached rest is short);
+- a prompt whose cached prefix covers at least `cached_share` of it, or leaves an uncached rest
+  shorter than `min_prompt_len`, takes the cache and is not pruned;
 - a prompt that repeats a recently pruned prompt by that share (a conversation's next turn over
   a pruned document) is not pruned either under `repeated_prefix: "fill"`: it is prefilled in
   full once, fills the cache, and later turns read it; under "prune" it is pruned again;
@@ -104,13 +104,23 @@ class UniPrefillScheduler(Scheduler):
             self.uniprefill, p, request.num_prompt_tokens
         ):
             return hit  # the workers prune only fresh prompts: nothing to decide
-        enough = self.uniprefill.cached_share * request.num_prompt_tokens
-        if hit[1] >= enough or self._repeated_tokens(request) >= enough:
+        if self._served_from_cache(request, hit[1]):
             keep_unpruned(request.sampling_params)
             return hit
         self.pruned_req_ids.add(request.request_id)
         self._remember_pruned(request)
         return self.kv_cache_manager.empty_kv_cache_blocks, 0, 0, False
+
+    def _served_from_cache(self, request: Request, cached: int) -> bool:
+        """Whether a prunable prompt with `cached` tokens in the prefix cache is computed over it
+        instead of pruned: the cache covers `cached_share` of it, or the uncached rest is
+        shorter than `min_prompt_len` (too short to gain from pruning, as a prompt would be);
+        `repeated_prefix: "fill"` counts a recently pruned prompt it repeats as cached."""
+        prompt_len, config = request.num_prompt_tokens, self.uniprefill
+        cached = max(cached, self._repeated_tokens(request))
+        return cached >= config.cached_share * prompt_len or (
+            prompt_len - cached < config.min_prompt_len
+        )
 
     def _repeated_tokens(self, request: Request) -> int:
         """Prompt tokens (whole blocks) `request` repeats from a recently pruned prompt, under

@@ -44,8 +44,9 @@ class UniPrefillConfig:
         must be a full-attention layer.
     min_prompt_len: prompts shorter than this are never pruned.
     normalize_over: "all_blocks" (the paper) or "unforced_blocks" (see ops/select/rule.py).
-    cached_share: a prompt whose prefix-cache hit covers at least this share of it is served
-        from the cache and not pruned, in (0, 1] (docs/benchmarks.md, prefix caching).
+    cached_share: a prompt whose prefix-cache hit covers at least this share of it (or leaves
+        fewer than min_prompt_len tokens uncached) is served from the cache and not pruned, in
+        (0, 1] (docs/benchmarks.md, prefix caching).
     repeated_prefix: a prompt that repeats a recently pruned prompt by at least `cached_share`
         (a conversation's next turn over a pruned document): "fill" prefills it unpruned once,
         so it fills the prefix cache and later turns read it; "prune" prunes it again.

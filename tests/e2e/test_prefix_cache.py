@@ -62,11 +62,12 @@ class Conversation:
         self.llm, self.prompt, self.seed = llm, list(first), seed
         self.answer: list[int] = []
 
-    def turn(self, **controls) -> tuple[list[int], int, list[int] | None]:
-        """(tokens, vLLM's cached prompt tokens, the worker's keep counts or None: unpruned)."""
+    def turn(self, question: int = QUESTION, **controls) -> tuple[list[int], int, list[int] | None]:
+        """(tokens, vLLM's cached prompt tokens, the worker's keep counts or None: unpruned);
+        after the first turn, the prompt gains the last answer and a `question`-token question."""
         if self.answer:
             self.seed += 1
-            self.prompt += self.answer + random_prompts((QUESTION,), seed=self.seed)[0]
+            self.prompt += self.answer + random_prompts((question,), seed=self.seed)[0]
         (out,) = self.llm.generate([{"prompt_token_ids": self.prompt}], greedy(**controls))
         self.answer = list(out.outputs[0].token_ids)
         (worker,) = self.llm.collective_rpc("uniprefill_requests")
@@ -86,16 +87,20 @@ def evict_cache(llm) -> None:
 
 
 @pytest.mark.parametrize(
-    ("first_len", "controls"), [(200, {}), (1000, {"uniprefill_enabled": False})],
-    ids=["short-first-turn", "first-turn-sent-unpruned"],
+    ("first_len", "question", "controls"),
+    [(200, QUESTION, {}), (1000, QUESTION, {"uniprefill_enabled": False}), (224, 230, {})],
+    ids=["short-first-turn", "first-turn-sent-unpruned", "short-uncached-rest"],
 )  # fmt: skip
-def test_next_turn_of_an_unpruned_turn_reads_the_cache(engine, stock, first_len, controls):
-    """The history covers most of turn 2 (>= cached_share): it is read from the cache, turn 2
-    is not pruned, and it says what stock vLLM says."""
+def test_next_turn_of_an_unpruned_turn_reads_the_cache(
+    engine, stock, first_len, question, controls
+):
+    """Turn 2's history covers cached_share of it, or leaves fewer than min_prompt_len tokens
+    uncached (224 cached of 462: 48%, 238 uncached): it is read from the cache, turn 2 is not
+    pruned, and it says what stock vLLM says."""
     talk = Conversation(engine, random_prompts((first_len,), seed=10 + first_len)[0], seed=10)
     _, cached, kept = talk.turn(**controls)
     assert cached == 0 and kept is None
-    tokens, cached, kept = talk.turn()
+    tokens, cached, kept = talk.turn(question)
     assert len(talk.prompt) >= TINY_SETTINGS["min_prompt_len"]  # prunable without the cache
     assert cached >= first_len - BLOCK and kept is None
     assert tokens == stock_tokens(stock, talk.prompt)
