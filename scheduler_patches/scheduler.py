@@ -56,8 +56,12 @@ class UniPrefillScheduler(Scheduler):
         raise_if_missing(missing_attributes(self, SCHEDULER_ATTRIBUTES), "Scheduler")
         self.uniprefill = UniPrefillConfig.from_dict(vllm_config.additional_config[CONFIG_KEY])
         self.pruned_req_ids: set[str] = set()  # pruned: no prefix cache, no chunking
-        # Block hashes of recently pruned prompts, oldest first (they never enter the cache).
+        # Block hashes of recently pruned prompts, oldest first (they never enter the cache);
+        # kept only where a repeat of one is filled into the cache.
         self.recently_pruned: OrderedDict[str, frozenset[Any]] = OrderedDict()
+        self.fills_repeats = (
+            self.uniprefill.repeated_prefix == "fill" and self.kv_cache_manager.enable_caching
+        )
         # Two KV-cache coordinator operations that pruned requests skip: filling the prefix
         # cache, and freeing blocks outside a sliding window.
         coordinator = self.kv_cache_manager.coordinator
@@ -125,7 +129,7 @@ class UniPrefillScheduler(Scheduler):
     def _repeated_tokens(self, request: Request) -> int:
         """Prompt tokens (whole blocks) `request` repeats from a recently pruned prompt, under
         `repeated_prefix: "fill"` with prefix caching on (else 0)."""
-        if self.uniprefill.repeated_prefix != "fill" or not self.kv_cache_manager.enable_caching:
+        if not self.fills_repeats:
             return 0
         hashes, longest = request.block_hashes, 0
         for req_id, pruned in self.recently_pruned.items():
@@ -136,10 +140,10 @@ class UniPrefillScheduler(Scheduler):
         return longest * self.hash_block_size
 
     def _remember_pruned(self, request: Request) -> None:
-        if self.uniprefill.repeated_prefix != "fill":
+        """Once per request: a pruned prompt waiting for room is looked up again every step."""
+        if not self.fills_repeats or request.request_id in self.recently_pruned:
             return
         self.recently_pruned[request.request_id] = frozenset(request.block_hashes)
-        self.recently_pruned.move_to_end(request.request_id)
         while len(self.recently_pruned) > RECENTLY_PRUNED:
             self.recently_pruned.popitem(last=False)
 

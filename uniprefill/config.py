@@ -47,9 +47,10 @@ class UniPrefillConfig:
     cached_share: a prompt whose prefix-cache hit covers at least this share of it (or leaves
         fewer than min_prompt_len tokens uncached) is served from the cache and not pruned, in
         (0, 1] (docs/benchmarks.md, prefix caching).
-    repeated_prefix: a prompt that repeats a recently pruned prompt by at least `cached_share`
-        (a conversation's next turn over a pruned document): "fill" prefills it unpruned once,
-        so it fills the prefix cache and later turns read it; "prune" prunes it again.
+    repeated_prefix: a prompt that repeats a recently pruned prompt as much as the cache rule
+        above asks of a hit (a conversation's next turn over a pruned document): "fill"
+        prefills it unpruned once, so it fills the prefix cache and later turns read it (with
+        prefix caching on); "prune" prunes it again.
     """
 
     enabled: bool = True
