@@ -14,8 +14,10 @@ A prompt decided "not pruned" gets `uniprefill_enabled: false` in its own reques
 travel with it to the workers: they prune exactly the prompts the scheduler marked.
 
 Three duties for a prompt that will be pruned:
-- its prompt is prefilled in one step, never in chunks: the selection needs the prompt's last
-  queries over all of its keys. It waits for a step with room instead;
+- it is chunked as vLLM chunks any prompt, except that its last chunk holds at least `last_q`
+  tokens (the queries that score it). The workers hold each earlier chunk's rows at the first
+  drop layer until the last chunk comes, up to `max_held_tokens` prompt tokens at once: a
+  prompt that would pass that is prefilled unpruned;
 - its KV blocks never enter or come from the prefix cache: after a drop layer they hold the
   compacted layout, which another request with the same prefix must not reuse. Other requests
   keep prefix caching;
@@ -55,7 +57,8 @@ class UniPrefillScheduler(Scheduler):
         super().__init__(vllm_config, *args, **kwargs)
         raise_if_missing(missing_attributes(self, SCHEDULER_ATTRIBUTES), "Scheduler")
         self.uniprefill = UniPrefillConfig.from_dict(vllm_config.additional_config[CONFIG_KEY])
-        self.pruned_req_ids: set[str] = set()  # pruned: no prefix cache, no chunking
+        self.pruned_req_ids: set[str] = set()  # pruned: no prefix cache
+        self.held_tokens: dict[str, int] = {}  # pruned prompts in chunks -> prompt tokens
         # Block hashes of recently pruned prompts, oldest first (they never enter the cache);
         # kept only where a repeat of one is filled into the cache.
         self.recently_pruned: OrderedDict[str, frozenset[Any]] = OrderedDict()
@@ -153,15 +156,40 @@ class UniPrefillScheduler(Scheduler):
         num_new_tokens = super()._reserve_prefill_lookahead(
             request, num_computed_tokens, num_new_tokens
         )
-        fresh_prompt = num_computed_tokens == 0 and request.num_output_tokens == 0
-        if (
-            fresh_prompt
-            and request.request_id in self.pruned_req_ids
-            and num_new_tokens < request.num_tokens
-        ):
-            return 0  # not this step: wait until the whole prompt fits
-        return num_new_tokens
+        req_id = request.request_id
+        if req_id not in self.pruned_req_ids or request.num_output_tokens > 0:
+            return num_new_tokens
+        rest = request.num_tokens - num_computed_tokens
+        if num_new_tokens >= rest:  # the last chunk (or the whole prompt): nothing held after
+            self.held_tokens.pop(req_id, None)
+            return num_new_tokens
+        if num_computed_tokens == 0 and not self._may_hold(request):
+            return num_new_tokens
+        self.held_tokens[req_id] = request.num_tokens
+        # Leave the last chunk the queries that score the prompt (0: wait for more room).
+        return max(0, min(num_new_tokens, rest - self.uniprefill.last_q))
+
+    def _may_hold(self, request: Request) -> bool:
+        """Whether a pruned prompt starting in chunks fits under `max_held_tokens`; if not, it
+        is prefilled unpruned from here on (it takes no cache hit: it was looked up as pruned)."""
+        held = sum(n for r, n in self.held_tokens.items() if r != request.request_id)
+        if held + request.num_tokens <= self.uniprefill.max_held_tokens:
+            return True
+        logger.info(
+            "UniPrefill: request %s (%d prompt tokens) is prefilled unpruned: in chunks it "
+            "would hold %d prompt tokens at the first drop layer with the others "
+            "(max_held_tokens %d)",
+            request.request_id,
+            request.num_tokens,
+            held + request.num_tokens,
+            self.uniprefill.max_held_tokens,
+        )
+        keep_unpruned(request.sampling_params)
+        self.pruned_req_ids.discard(request.request_id)
+        self.recently_pruned.pop(request.request_id, None)
+        return False
 
     def _free_request(self, request: Request, *args: Any, **kwargs: Any) -> Any:
         self.pruned_req_ids.discard(request.request_id)
+        self.held_tokens.pop(request.request_id, None)
         return super()._free_request(request, *args, **kwargs)

@@ -51,6 +51,9 @@ class UniPrefillConfig:
         above asks of a hit (a conversation's next turn over a pruned document): "fill"
         prefills it unpruned once, so it fills the prefix cache and later turns read it (with
         prefix caching on); "prune" prunes it again.
+    max_held_tokens: prompt tokens that pruned prompts prefilled in chunks may have held at the
+        first drop layer at once (hidden state, residual and keys per token, until the prompt's
+        last chunk); a prompt that would pass it is prefilled unpruned (a positive integer).
     """
 
     enabled: bool = True
@@ -63,6 +66,7 @@ class UniPrefillConfig:
     normalize_over: str = "all_blocks"
     cached_share: float = 0.5
     repeated_prefix: str = "fill"
+    max_held_tokens: int = 65536
 
     def __post_init__(self) -> None:
         if not isinstance(self.enabled, bool):
@@ -76,6 +80,9 @@ class UniPrefillConfig:
         share = self.cached_share
         if isinstance(share, bool) or not isinstance(share, int | float) or not 0 < share <= 1:
             raise ValueError(f"uniprefill.cached_share must be a number in (0, 1], got {share!r}")
+        held = self.max_held_tokens
+        if isinstance(held, bool) or not isinstance(held, int) or held < 1:
+            raise ValueError(f"uniprefill.max_held_tokens must be a positive integer, got {held!r}")
         if self.repeated_prefix not in REPEATED_PREFIX:
             raise ValueError(
                 f"uniprefill.repeated_prefix must be one of {list(REPEATED_PREFIX)}, "

@@ -125,21 +125,27 @@ def generate(
     config: UniPrefillConfig | None,
     max_new_tokens: int,
     backend: str = "auto",
+    keep_positions: list[torch.Tensor] | None = None,
 ) -> ReferenceResult:
     """Greedy generation with a UniPrefill prefill; `config=None` runs the unmodified model.
 
     input_ids: [n] int64 prompt. `config` must be resolved (explicit drop_layers).
+    keep_positions: per drop layer, the prompt positions to keep instead of selecting. An
+    earlier prefill's `kept_positions` plus every position after its prompt is what reusing
+    that prefill's compacted KV as this prompt's prefix would compute.
     """
     runner = _Runner(model)
     previous_attention = model.config._attn_implementation
     model.set_attn_implementation(ATTENTION)
     try:
-        return _generate(runner, input_ids, config, max_new_tokens, backend)
+        return _generate(runner, input_ids, config, max_new_tokens, backend, keep_positions)
     finally:
         model.set_attn_implementation(previous_attention)
 
 
-def _generate(runner: _Runner, input_ids, config, max_new_tokens, backend) -> ReferenceResult:
+def _generate(
+    runner: _Runner, input_ids, config, max_new_tokens, backend, keep_positions
+) -> ReferenceResult:
     if config is not None and config.drop_layers == "auto":
         raise ValueError("resolve the config first: config.resolve(layer_types(model.config))")
     drop_layers = frozenset(config.drop_layers) if config and config.enabled else frozenset()
@@ -153,20 +159,24 @@ def _generate(runner: _Runner, input_ids, config, max_new_tokens, backend) -> Re
         if i not in drop_layers:
             return hidden, positions, False
         query, key = captured.pop(i)
-        n = hidden.shape[1]
-        selection = select_tokens(
-            query[0].transpose(0, 1),
-            key[0].transpose(0, 1),
-            torch.tensor([0, n], dtype=torch.int32, device=device),
-            p=config.p,
-            rule=config.rule,
-            backend=backend,
-        )
-        kept.append(selection.kept_indices.numel())
-        block_scores.append(selection.block_scores[0].cpu())
-        positions = positions[:, selection.kept_indices]
+        if keep_positions is not None:
+            wanted = keep_positions[len(kept) - 1].to(device)
+            kept_indices = torch.isin(positions[0], wanted).nonzero()[:, 0]
+        else:
+            selection = select_tokens(
+                query[0].transpose(0, 1),
+                key[0].transpose(0, 1),
+                torch.tensor([0, hidden.shape[1]], dtype=torch.int32, device=device),
+                p=config.p,
+                rule=config.rule,
+                backend=backend,
+            )
+            kept_indices = selection.kept_indices
+            block_scores.append(selection.block_scores[0].cpu())
+        kept.append(kept_indices.numel())
+        positions = positions[:, kept_indices]
         kept_positions.append(positions[0].cpu())
-        return hidden[:, selection.kept_indices], positions, True
+        return hidden[:, kept_indices], positions, True
 
     start = time.perf_counter()
     with _capturing(drop_layers) as captured:

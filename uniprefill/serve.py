@@ -69,8 +69,8 @@ def serve_command(
 
 
 # vLLM gives up on a model step after 300 s by default and kills the engine; a whole 8K-token
-# prompt step took longer than that on a busy 2-core CPU here (UniPrefill prefills a pruned
-# prompt in one step).
+# prompt step took longer than that on a busy 2-core CPU here (a pruned prompt's last chunk
+# carries the layers after the first drop for all its kept tokens).
 STEP_TIMEOUT_S = 3600
 
 

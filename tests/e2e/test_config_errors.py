@@ -83,9 +83,12 @@ def test_llm_constructor_raises_before_starting_an_engine(prepared):
         LLM(model=str(prepared("tiny-llama")), additional_config={"uniprefill": {"q": 1}})
 
 
-def test_a_pruned_prompt_fits_one_step_and_the_graph_stays_compiled(prepared):
+def test_vllm_keeps_its_step_budget_and_its_compiled_graph(prepared):
+    stock = _engine_config(prepared("tiny-llama"), {"enabled": False}, max_model_len=8192)
     vllm_config = _engine_config(prepared("tiny-llama"), {}, max_model_len=8192)
-    assert vllm_config.scheduler_config.max_num_batched_tokens >= 8192  # raised when unset
+    budget = vllm_config.scheduler_config.max_num_batched_tokens
+    assert budget == stock.scheduler_config.max_num_batched_tokens < 8192
+    assert vllm_config.scheduler_config.enable_chunked_prefill
     assert not vllm_config.model_config.enforce_eager
     assert vllm_config.compilation_config.mode != CompilationMode.NONE
     assert not vllm_config.use_v2_model_runner
@@ -97,14 +100,17 @@ def test_async_scheduling_is_refused_with_what_to_change(prepared):
         _engine_config(prepared("tiny-llama"), {}, async_scheduling=True)
 
 
-def test_explicit_step_budget_below_max_model_len_is_refused_with_what_to_change(prepared):
-    with pytest.raises(ValueError, match=r"--max-num-batched-tokens \(2048\) must be at least"):
-        _engine_config(prepared("tiny-llama"), {}, max_num_batched_tokens=2048)
+def test_any_step_budget_and_long_prefill_threshold_are_taken(prepared):
+    vllm_config = _engine_config(
+        prepared("tiny-llama"), {}, max_num_batched_tokens=256, long_prefill_token_threshold=128
+    )
+    assert vllm_config.scheduler_config.max_num_batched_tokens == 256
+    assert vllm_config.scheduler_config.long_prefill_token_threshold == 128
 
 
-def test_long_prefill_threshold_that_would_split_prompts_is_refused(prepared):
-    with pytest.raises(ValueError, match="long_prefill_token_threshold=1024 would split"):
-        _engine_config(prepared("tiny-llama"), {}, long_prefill_token_threshold=1024)
+def test_step_budget_below_the_scoring_queries_is_refused_with_what_to_change(prepared):
+    with pytest.raises(ValueError, match="raise --max-num-batched-tokens or lower last_q"):
+        _engine_config(prepared("tiny-llama"), {"last_q": 64}, max_num_batched_tokens=32)
 
 
 def test_linear_attention_model_runs_without_prefix_caching(prepared):

@@ -66,3 +66,24 @@ def test_selection_backends_agree_inside_the_model(model):
 def test_unresolved_config_is_refused(model):
     with pytest.raises(ValueError, match="resolve the config first"):
         generate(model, prompt(), config=UniPrefillConfig(), max_new_tokens=1)
+
+
+def test_replayed_kept_positions_give_the_same_prefill(model):
+    config = UniPrefillConfig(p=0.9, **RULE).resolve(layer_types(model.config))
+    first = generate(model, prompt(), config=config, max_new_tokens=4)
+    replay = generate(
+        model, prompt(), config=config, max_new_tokens=4, keep_positions=first.kept_positions
+    )
+    assert replay.kept_per_stage == first.kept_per_stage and replay.tokens == first.tokens
+    for a, b in zip(replay.kept_positions, first.kept_positions, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_a_reused_prefix_keeps_its_selection_and_every_later_token(model):
+    config = UniPrefillConfig(p=0.9, **RULE).resolve(layer_types(model.config))
+    first = generate(model, prompt(), config=config, max_new_tokens=1)
+    longer = torch.cat([prompt(), prompt(2)[:50]])
+    later = torch.arange(N, N + 50)
+    reused = [torch.cat([kept, later]) for kept in first.kept_positions]
+    ours = generate(model, longer, config=config, max_new_tokens=1, keep_positions=reused)
+    assert ours.kept_per_stage == [N + 50] + [len(k) + 50 for k in first.kept_positions]

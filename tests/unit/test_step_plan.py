@@ -8,6 +8,7 @@ from uniprefill.vllm_glue.step_plan import (
     ScheduledRequest,
     all_stages,
     first_stage,
+    joined_stage,
     next_stage,
     plan_step,
     pruned_offsets,
@@ -38,12 +39,13 @@ def test_a_mixed_batch_scores_only_whole_fresh_long_prompts():
         decode("pruned", 300, 3, offsets=(100, 150)),
         decode("stock", 300, 3),
         ScheduledRequest("resumed", 200, 0, 200, 2, 0.9),  # recomputed after output: unpruned
-        ScheduledRequest("chunk", 100, 100, 200, 0, 0.9),  # not the whole prompt
+        ScheduledRequest("chunk", 100, 0, 200, 0, 0.9),  # a first chunk: held
     ]
     plan = plan_step(batch, STAGES, RULE)
     assert plan.req_ids == ("long", "short", "pruned", "stock", "resumed", "chunk")
     assert plan.scored.tolist() == [True, False, False, False, False, False]
-    assert plan.prunes
+    assert plan.deferred.tolist() == [False, False, False, False, False, True]
+    assert plan.prunes and plan.joins
     assert plan.p.tolist() == pytest.approx([0.9, 1, 1, 1, 1, 1])
     assert plan.num_rows.tolist() == [200, 40, 1, 1, 200, 100]
     assert plan.earlier_offsets[:, 2].tolist() == [0, 100, 150]
@@ -98,3 +100,45 @@ def test_a_drop_that_keeps_everything_prunes_nothing():
     stages += [next_stage(plan, stages[-1]), next_stage(plan, stages[-1])]
     assert not any(s.moves_kv for s in stages)
     assert pruned_offsets(plan, stages) == {}
+
+
+def chunk(req_id: str, rows: int, computed: int, prompt_len: int) -> ScheduledRequest:
+    return ScheduledRequest(req_id, rows, computed, prompt_len, 0, 0.9, held_rows=computed)
+
+
+def test_a_pruned_prompt_in_chunks_is_held_until_its_last_chunk_scores_it_whole():
+    first, middle, last = chunk("a", 80, 0, 200), chunk("a", 80, 80, 200), chunk("a", 40, 160, 200)
+    assert plan_step([first], STAGES, RULE).deferred.tolist() == [True]
+    assert plan_step([middle], STAGES, RULE).deferred.tolist() == [True]
+    plan = plan_step([last, decode("d", 300, 2)], STAGES, RULE)
+    assert plan.scored.tolist() == [True, False] and not plan.deferred.any()
+    assert plan.held_rows.tolist() == [160, 0]
+    assert plan.joined_rows.tolist() == [200, 1]
+
+
+def test_held_rows_must_be_the_computed_ones_and_the_last_chunk_must_hold_the_queries():
+    with pytest.raises(RuntimeError, match="160 held"):
+        plan_step([ScheduledRequest("a", 40, 120, 200, 0, 0.9, held_rows=160)], STAGES, RULE)
+    with pytest.raises(RuntimeError, match="fewer than the 16 scoring queries"):
+        plan_step([chunk("a", 10, 190, 200)], STAGES, RULE)
+
+
+def test_the_first_drop_sees_held_rows_join_their_last_chunk_and_earlier_chunks_leave():
+    # a: last chunk (rows 0-39 of the step) of a 200-token prompt, 160 held; d: a decode;
+    # b: a first chunk of 100 rows, held from the first drop on
+    batch = [chunk("a", 40, 160, 200), decode("d", 300, 2), chunk("b", 100, 0, 400)]
+    plan = plan_step(batch, STAGES, RULE)
+    positions = torch.cat([torch.arange(160, 200), torch.tensor([301]), torch.arange(100)])
+    stage0 = first_stage(plan, positions)
+    joined = joined_stage(plan, stage0, held_positions=torch.arange(160))
+    assert joined.query_start_loc.tolist() == [0, 200, 201, 201]
+    # a's held rows (after the step's 141 rows), then its step rows, then d's row; b is gone
+    expected = torch.cat([torch.arange(141, 301), torch.arange(40), torch.tensor([40])])
+    assert torch.equal(joined.kept_rows, expected)
+    assert torch.equal(joined.positions, torch.cat([torch.arange(200), torch.tensor([301])]))
+    # the drop keeps a's first 64 and last 36 tokens: 100 of its 200 prompt tokens
+    kept = torch.cat([torch.arange(64), torch.arange(164, 201)])
+    stage1 = next_stage(plan, joined, kept, torch.tensor([0, 100, 101, 101]))
+    assert stage1.kv_offsets.tolist() == [100, 0, 0]
+    assert torch.equal(stage1.kept_rows, expected[kept])
+    assert pruned_offsets(plan, [stage0, stage1]) == {"a": (100,)}

@@ -118,43 +118,23 @@ def _choose_runner_and_scheduling(engine_args: Any) -> None:
         logger.info("UniPrefill: async scheduling off (its scheduler is synchronous)")
 
 
-def _check_no_chunking(vllm_config: Any) -> None:
-    """A pruned prompt must be prefilled in one step (its last queries score all of it)."""
-    scheduler = vllm_config.scheduler_config
-    max_len = vllm_config.model_config.max_model_len
-    threshold = scheduler.long_prefill_token_threshold
-    if 0 < threshold < max_len:
+def _check_step_budget(vllm_config: Any, config: UniPrefillConfig) -> None:
+    """A pruned prompt's last chunk holds its `last_q` scoring queries: a step must fit them."""
+    budget = vllm_config.scheduler_config.max_num_batched_tokens
+    if config.drop_layers and budget < config.last_q:
         raise ValueError(
-            f"UniPrefill prefills a pruned prompt in one step, but long_prefill_token_threshold="
-            f"{threshold} would split prompts longer than that (max_model_len={max_len}); "
-            "unset it or lower --max-model-len"
-        )
-    if scheduler.max_num_batched_tokens < max_len:
-        raise ValueError(
-            f"UniPrefill prefills a pruned prompt in one step, so --max-num-batched-tokens "
-            f"({scheduler.max_num_batched_tokens}) must be at least --max-model-len ({max_len}); "
-            "raise it, lower --max-model-len, or leave --max-num-batched-tokens unset "
-            "(UniPrefill then raises it to max_model_len)"
+            f"--max-num-batched-tokens ({budget}) is below uniprefill.last_q "
+            f"({config.last_q}): a pruned prompt's last chunk must hold the queries that score "
+            "it; raise --max-num-batched-tokens or lower last_q"
         )
 
 
-ADJUSTED = ("max_num_batched_tokens", "enable_prefix_caching")  # EngineArgs fields: None = unset
+ADJUSTED = ("enable_prefix_caching",)  # EngineArgs fields: None = unset
 
 
 def _adjust(engine_args: Any, vllm_config: Any, user_set: dict[str, Any]) -> bool:
     """Change what UniPrefill needs and the user left unset; True if anything changed."""
     changed = False
-    max_len = vllm_config.model_config.max_model_len
-    batched = vllm_config.scheduler_config.max_num_batched_tokens
-    if user_set["max_num_batched_tokens"] is None and batched < max_len:
-        logger.info(
-            "UniPrefill: max_num_batched_tokens %d -> %d (max_model_len), so a pruned prompt is "
-            "prefilled in one step",
-            batched,
-            max_len,
-        )
-        engine_args.max_num_batched_tokens = max_len
-        changed = True
     kinds = layer_types(vllm_config.model_config.hf_text_config)
     if LINEAR_ATTENTION in kinds and vllm_config.cache_config.enable_prefix_caching:
         # With prefix caching, vLLM keeps recurrent states per block of tokens and splits
@@ -191,11 +171,11 @@ def wrap_create_engine_config(original: Callable[..., Any]) -> Callable[..., Any
         if _adjust(self, vllm_config, user_set):
             vllm_config = original(self, *args, **kwargs)
         _check_parallelism_and_runner(vllm_config)
-        _check_no_chunking(vllm_config)
 
         model_config = vllm_config.model_config
         family = family_of(model_config.architectures)
         resolved = config.resolve(layer_types(model_config.hf_text_config))
+        _check_step_budget(vllm_config, resolved)
         # Every process reads the resolved settings from here (it travels inside VllmConfig).
         vllm_config.additional_config = {
             **vllm_config.additional_config,

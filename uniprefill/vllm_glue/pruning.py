@@ -20,16 +20,22 @@ things happens:
 Hooks run only in the eager forward: vLLM traces the compiled graph once, when no step is
 active, so there they are no-ops.
 
+A pruned prompt may come in chunks (vLLM's chunked prefill): a chunk that does not end the
+prompt runs stage 0, and at the first drop layer its rows leave the step and are held here
+(`Held`); at the chunk that ends the prompt they join it, and the selection runs over the whole
+prompt (step_plan.py).
+
 The worker keeps each pruned request's per-stage KV offsets until the request finishes, is
-aborted or is preempted. A preempted request is recomputed by vLLM from scratch; it is pruned
-again only if it had produced no token yet (then it is the same fresh prompt), otherwise it
-runs unpruned.
+aborted or is preempted; held rows until their last chunk, or the same. A preempted request is
+recomputed by vLLM from scratch; it is pruned again only if it had produced no token yet (then
+it is the same fresh prompt), otherwise it runs unpruned.
 """
 
 from __future__ import annotations
 
 import inspect
 from collections import deque
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -53,6 +59,7 @@ from uniprefill.vllm_glue.step_plan import (
     StepPlan,
     all_stages,
     first_stage,
+    joined_stage,
     next_stage,
     plan_step,
     pruned_offsets,
@@ -61,6 +68,42 @@ from uniprefill.vllm_glue.step_plan import (
 logger = get_logger(__name__)
 RECENT_PRUNES = 256  # per-request keep counts remembered for status/benchmarks (bounded)
 EAGER_WARM_UP_TOKENS = 256  # rows of the start-up step that warms the eager path up
+
+
+@dataclass
+class Held:
+    """A chunked pruned prompt's rows that left steps at the first drop layer, chunk by chunk:
+    what that layer passes on (its output tensors with a row per token), their positions and the
+    layer's keys, which the selection needs at the prompt's last chunk."""
+
+    outputs: list[list[torch.Tensor]] = field(default_factory=list)  # per output slot
+    positions: list[torch.Tensor] = field(default_factory=list)
+    keys: list[torch.Tensor] = field(default_factory=list)
+
+    @property
+    def num_rows(self) -> int:
+        return sum(p.shape[0] for p in self.positions)
+
+    @property
+    def nbytes(self) -> int:
+        tensors = [*self.positions, *self.keys, *(t for slot in self.outputs for t in slot)]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def add(self, outputs: list[torch.Tensor], positions: torch.Tensor, keys: torch.Tensor) -> None:
+        if not self.outputs:
+            self.outputs = [[] for _ in outputs]
+        for slot, tensor in zip(self.outputs, outputs, strict=True):
+            slot.append(tensor)
+        self.positions.append(positions)
+        self.keys.append(keys)
+
+
+class _AllRowsHeld(Exception):  # noqa: N818 (control flow, not an error)
+    """Every row of the step was held at the first drop layer: the later layers have no rows,
+    and the step samples nothing (only unfinished prompt chunks were in it)."""
+
+    def __init__(self, like: torch.Tensor):
+        self.like = like  # a [rows, hidden] output of the drop layer: the output's shape
 
 
 class _PrunedForward:
@@ -82,8 +125,9 @@ class Pruner:
         self.rule = config.rule
         self.drops = tuple(config.drop_layers)
         self.kv_offsets: dict[str, tuple[int, ...]] = {}  # live pruned requests -> stages 1..S
+        self.held: dict[str, Held] = {}  # chunked pruned prompts whose last chunk is to come
         self.recent: deque[tuple[str, list[int]]] = deque(maxlen=RECENT_PRUNES)
-        self.eager_steps = 0  # steps that scored prompts, run outside the compiled graph
+        self.eager_steps = 0  # steps that scored or held prompts, run outside the compiled graph
         self.forward: _PrunedForward | None = None
         self.layers = _decoder_layers(runner.model, runner.model_config)
         self.stage_layers = layers_by_stage(runner, self.drops)
@@ -137,9 +181,16 @@ class Pruner:
         q, k = forward.drop_qk
         forward.drop_qk = None
         rows = stage.num_rows
+        q, k = q[:rows], k[:rows]
+        if stage.stage == 0 and forward.plan.joins:
+            stage, output, q, k = self._join(forward.plan, stage, output, q, k)
+            forward.stages[-1] = stage
+            rows = stage.num_rows
+            if rows == 0:
+                raise _AllRowsHeld(output[0])
         selection = select_tokens(
-            q[:rows].view(rows, attention.num_heads, attention.head_size),
-            k[:rows].view(rows, attention.num_kv_heads, attention.head_size),
+            q.view(rows, attention.num_heads, attention.head_size),
+            k.view(rows, attention.num_kv_heads, attention.head_size),
             stage.query_start_loc.to(stage.positions.device),
             p=forward.plan.p.to(stage.positions.device),
             rule=self.rule,
@@ -156,6 +207,38 @@ class Pruner:
         if following.moves_kv:
             install_stage_metadata(self.runner, self.stage_layers, following, get_forward_context())
         return output
+
+    def _join(self, plan: StepPlan, stage: StageRows, output: Any, q: torch.Tensor,
+              k: torch.Tensor) -> tuple[StageRows, Any, torch.Tensor, torch.Tensor]:  # fmt: skip
+        """At the first drop layer: hold the rows of deferred chunks, and put the held rows of
+        scored requests in front of their last chunk's rows."""
+        rows = stage.num_rows
+        slots = [
+            i for i, t in enumerate(output) if isinstance(t, torch.Tensor) and t.shape[0] == rows
+        ]
+        starts = stage.query_start_loc.tolist()
+        for i in plan.deferred.nonzero().flatten().tolist():
+            span = slice(starts[i], starts[i + 1])
+            held = self.held.setdefault(plan.req_ids[i], Held())
+            # copies: the step's positions and q/k live in buffers the next step reuses
+            held.add([output[j][span].clone() for j in slots], stage.positions[span].clone(),
+                     k[span].clone())  # fmt: skip
+        joining = [self.held.pop(plan.req_ids[i]) for i in plan.held_rows.nonzero().flatten()]
+        held_positions = torch.cat(
+            [stage.positions[:0], *(p for h in joining for p in h.positions)]
+        )
+        joined = joined_stage(plan, stage, held_positions)
+        order = joined.kept_rows
+
+        def with_held(tensor: torch.Tensor, parts: list[torch.Tensor]) -> torch.Tensor:
+            return torch.cat([tensor, *parts])[order]
+
+        output = list(output)
+        for n, j in enumerate(slots):
+            output[j] = with_held(output[j], [t for h in joining for t in h.outputs[n]])
+        q = with_held(q, [q.new_zeros(h.num_rows, q.shape[1]) for h in joining])
+        k = with_held(k, [t for h in joining for t in h.keys])
+        return joined, tuple(output), q, k
 
     # ---- per step ----------------------------------------------------------------------------
 
@@ -178,6 +261,7 @@ class Pruner:
                     num_generated=len(state.output_token_ids),
                     p=request_p(self.config, state.sampling_params),
                     kv_offsets=self.kv_offsets.get(req_id),
+                    held_rows=self.held[req_id].num_rows if req_id in self.held else 0,
                 )
             )
         return plan_step(scheduled, len(self.drops) + 1, self.rule)
@@ -212,14 +296,17 @@ class Pruner:
         self.forward = pruned
         try:
             hidden = forward(input_ids=input_ids, positions=positions, **kwargs)
+        except _AllRowsHeld as held:
+            hidden = held.like.new_zeros((0, *held.like.shape[1:]))
         finally:
             self.forward = None
             context.skip_compiled = skipping
         self.eager_steps += 1
         kept_rows = pruned.stages[-1].kept_rows
-        if kept_rows is not None:
+        if kept_rows is not None:  # back to the step's rows; held rows have none
             full = hidden.new_zeros((positions.shape[0], *hidden.shape[1:]))
-            full[kept_rows] = hidden
+            in_step = kept_rows < full.shape[0]
+            full[kept_rows[in_step]] = hidden[in_step]
             hidden = full
         self._remember(plan, pruned.stages)
         return hidden
@@ -227,12 +314,13 @@ class Pruner:
     def _remember(self, plan: StepPlan, stages: list[StageRows]) -> None:
         for req_id, offsets in pruned_offsets(plan, stages).items():
             self.kv_offsets[req_id] = offsets
-            prompt_len = int(plan.num_rows[plan.req_ids.index(req_id)])
+            prompt_len = int(plan.joined_rows[plan.req_ids.index(req_id)])
             self.recent.append((req_id, [prompt_len] + [prompt_len - o for o in offsets]))
 
     def forget(self, req_ids: Any) -> None:
         for req_id in req_ids:
             self.kv_offsets.pop(req_id, None)
+            self.held.pop(req_id, None)
 
 
 def _decoder_layers(model: torch.nn.Module, model_config: Any) -> torch.nn.ModuleList:

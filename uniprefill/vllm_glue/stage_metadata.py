@@ -33,14 +33,22 @@ def layers_by_stage(runner: Any, drops: tuple[int, ...]) -> list[list[set[str]]]
 def install_stage_metadata(
     runner: Any, stage_layers: list[list[set[str]]], rows: StageRows, context: Any
 ) -> None:
-    """Point every attention layer of `rows.stage` at metadata and KV slots for its rows."""
-    num_reqs = rows.query_start_loc.numel() - 1
-    query_start_loc_cpu = rows.query_start_loc
-    lens = query_start_loc_cpu.diff()
+    """Point every attention layer of `rows.stage` at metadata and KV slots for its rows.
+
+    Requests with no rows at this stage (chunks held at the first drop layer) are left out of
+    its metadata, as vLLM leaves out requests it did not schedule."""
+    batch = runner.input_batch
+    lens = rows.query_start_loc.diff()
+    total = lens.numel()
+    active = torch.nonzero(lens).flatten()  # requests with rows at this stage, in step order
+    lens = lens[active]
+    num_reqs = active.numel()
+    query_start_loc_cpu = torch.zeros(num_reqs + 1, dtype=torch.int32)
+    torch.cumsum(lens, 0, out=query_start_loc_cpu[1:])
     num_rows = rows.num_rows
     device = rows.positions.device
-    offsets = rows.kv_offsets
-    seq_lens_cpu = runner.optimistic_seq_lens_cpu[:num_reqs] - offsets
+    offsets = rows.kv_offsets[active]
+    seq_lens_cpu = runner.optimistic_seq_lens_cpu[:total][active] - offsets
     lens_dev, start_dev = lens.to(device), query_start_loc_cpu[:-1].to(device)
     request_of_row = torch.repeat_interleave(
         torch.arange(num_reqs, device=device), lens_dev, output_size=num_rows
@@ -49,19 +57,23 @@ def install_stage_metadata(
     # its rank among the request's rows in this step (kept prompt tokens go to the front).
     already = (seq_lens_cpu.to(device) - lens_dev)[request_of_row]
     kv_index = already + torch.arange(num_rows, device=device) - start_dev[request_of_row]
-    batch = runner.input_batch
+    active_dev = active.to(device)
+    prefilling = (
+        batch.num_computed_tokens_cpu_tensor[:total] < batch.num_prompt_tokens_cpu_tensor[:total]
+    )
     common = dict(
         query_start_loc=query_start_loc_cpu.to(device),
         query_start_loc_cpu=query_start_loc_cpu,
-        seq_lens=(runner.seq_lens[:num_reqs] - offsets.to(device)).to(runner.seq_lens.dtype),
+        seq_lens=(runner.seq_lens[:total][active_dev] - offsets.to(device)).to(
+            runner.seq_lens.dtype
+        ),
         seq_lens_cpu_upper_bound=seq_lens_cpu.to(runner.optimistic_seq_lens_cpu.dtype),
         num_reqs=num_reqs,
         num_actual_tokens=num_rows,
         max_query_len=int(lens.max()),
         max_seq_len=int(seq_lens_cpu.max()),
         causal=True,
-        is_prefilling=batch.num_computed_tokens_cpu_tensor[:num_reqs]
-        < batch.num_prompt_tokens_cpu_tensor[:num_reqs],
+        is_prefilling=prefilling[active],
         positions=rows.positions,
     )
     for gid, by_stage in enumerate(stage_layers):
@@ -69,7 +81,7 @@ def install_stage_metadata(
         if not names:
             continue
         table = batch.block_table[gid]
-        block_table = table.get_device_tensor(num_reqs)
+        block_table = table.get_device_tensor(total)[active_dev]
         if table.slot_mapping_mode == SlotMappingMode.TOKEN_TO_KV_SLOT:
             block = block_table[request_of_row, kv_index // table.block_size].long()
             slots = block * table.block_size + kv_index % table.block_size

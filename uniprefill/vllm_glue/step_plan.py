@@ -7,6 +7,12 @@ including the first drop layer): `first_stage` before the forward, `next_stage` 
 layer, from the previous stage and the drop's selection. When no prompt in the step is scored,
 every stage's rows are known before the forward (`all_stages`).
 
+A pruned prompt may come in chunks, one per step (vLLM's chunked prefill). A chunk that does
+not end the prompt is `deferred`: its rows run stage 0 and then leave the step; the worker holds
+what the first drop layer would have passed on (its rows' outputs, positions and keys). The chunk
+that ends the prompt is `scored`: at the first drop layer the held rows join it (`joined_stage`),
+so the selection and every later layer see the whole prompt, as if it had come in one step.
+
 KV layout (docs/design/selection.md, section 3): for a pruned request, a layer of stage s holds
 its kept prompt tokens at the front of the request's blocks, then the generated tokens; its
 KV offset at stage s is the number of prompt tokens that stage dropped (prompt_len - kept_s).
@@ -34,6 +40,7 @@ class ScheduledRequest:
     num_generated: int  # output tokens it has produced so far
     p: float  # top-p mass it asks for (1.0: not pruned)
     kv_offsets: tuple[int, ...] | None = None  # pruned earlier: its offset at stages 1..S
+    held_rows: int = 0  # rows of its earlier chunks that the worker holds for the first drop
 
 
 @dataclass(frozen=True)
@@ -42,9 +49,16 @@ class StepPlan:
 
     req_ids: tuple[str, ...]
     num_rows: torch.Tensor  # [R] int64: rows each request brings into the step
-    scored: torch.Tensor  # [R] bool: a whole fresh prompt, scored at every drop layer
+    scored: torch.Tensor  # [R] bool: a pruned prompt's last chunk, scored at every drop layer
     p: torch.Tensor  # [R] float32: each request's top-p (1.0 where it is not scored)
     earlier_offsets: torch.Tensor  # [S + 1, R] int64: KV offsets of requests pruned earlier
+    deferred: torch.Tensor  # [R] bool: a pruned prompt's earlier chunk, held at the first drop
+    held_rows: torch.Tensor  # [R] int64: held rows that join a scored chunk at the first drop
+
+    @property
+    def joined_rows(self) -> torch.Tensor:
+        """[R] int64: each request's rows entering the first drop layer's selection."""
+        return torch.where(self.deferred, 0, self.num_rows + self.held_rows)
 
     @property
     def num_stages(self) -> int:
@@ -52,8 +66,13 @@ class StepPlan:
 
     @property
     def prunes(self) -> bool:
-        """Some prompt is scored, so stage sizes are known only at the drop layers."""
-        return bool(self.scored.any())
+        """Some prompt is scored or held, so stage sizes are known only at the drop layers."""
+        return bool(self.scored.any() or self.deferred.any())
+
+    @property
+    def joins(self) -> bool:
+        """Rows leave or join the step at the first drop layer."""
+        return bool(self.deferred.any() or self.held_rows.any())
 
 
 @dataclass(frozen=True)
@@ -63,7 +82,8 @@ class StageRows:
     stage: int
     query_start_loc: torch.Tensor  # [R + 1] int32, host: each request's rows in this stage
     positions: torch.Tensor  # [rows]: original positions (RoPE stays right)
-    kept_rows: torch.Tensor | None  # [rows]: index into the step's rows; None: all, in order
+    kept_rows: torch.Tensor | None  # [rows]: index into the step's rows, then the held rows
+    # (joined_stage); None: all the step's rows, in order
     kv_offsets: torch.Tensor  # [R] int64, host: prompt tokens missing from this stage's KV
 
     @property
@@ -85,18 +105,31 @@ def plan_step(
     scored = torch.zeros(count, dtype=torch.bool)
     p = torch.ones(count, dtype=torch.float32)
     earlier = torch.zeros(num_stages, count, dtype=torch.int64)
+    deferred = torch.zeros(count, dtype=torch.bool)
+    held = torch.zeros(count, dtype=torch.int64)
     for i, request in enumerate(requests):
         if request.kv_offsets is not None:
             earlier[1:, i] = torch.tensor(request.kv_offsets, dtype=torch.int64)
-        elif (
-            request.num_computed == 0
-            and request.num_rows == request.prompt_len
-            and request.num_generated == 0
-            and bool(prunable_mask(request.prompt_len, p=request.p, rule=rule))
+        elif request.num_generated == 0 and bool(
+            prunable_mask(request.prompt_len, p=request.p, rule=rule)
         ):
-            scored[i] = True
-            p[i] = request.p
-    if not scored.any() and not earlier.any():
+            if request.held_rows != request.num_computed:
+                raise RuntimeError(
+                    f"UniPrefill: request {request.req_id} has {request.num_computed} prompt "
+                    f"tokens computed but {request.held_rows} held for its first drop layer"
+                )
+            if request.num_computed + request.num_rows < request.prompt_len:
+                deferred[i] = True
+            elif request.held_rows and request.num_rows < rule.last_q:
+                raise RuntimeError(
+                    f"UniPrefill: the last chunk of request {request.req_id} has "
+                    f"{request.num_rows} tokens, fewer than the {rule.last_q} scoring queries"
+                )
+            else:
+                scored[i] = True
+                p[i] = request.p
+                held[i] = request.held_rows
+    if not scored.any() and not deferred.any() and not earlier.any():
         return None
     return StepPlan(
         req_ids=tuple(r.req_id for r in requests),
@@ -104,6 +137,8 @@ def plan_step(
         scored=scored,
         p=p,
         earlier_offsets=earlier,
+        deferred=deferred,
+        held_rows=held,
     )
 
 
@@ -117,6 +152,31 @@ def first_stage(plan: StepPlan, positions: torch.Tensor) -> StageRows:
         positions=positions[: int(query_start_loc[-1])],
         kept_rows=None,
         kv_offsets=plan.earlier_offsets[0],
+    )
+
+
+def joined_stage(plan: StepPlan, stage: StageRows, held_positions: torch.Tensor) -> StageRows:
+    """Stage 0 as the first drop layer's selection sees it: deferred requests' rows gone, and
+    each scored request's held rows (`held_positions`, all requests' in step order) in front of
+    its rows in this step. `kept_rows` indexes the step's rows followed by the held rows."""
+    step_starts = stage.query_start_loc[:-1].long()
+    held_starts = stage.num_rows + torch.cumsum(plan.held_rows, 0) - plan.held_rows
+    parts = []
+    for i in torch.nonzero(~plan.deferred).flatten().tolist():
+        held, step = int(plan.held_rows[i]), int(plan.num_rows[i])
+        parts.append(torch.arange(int(held_starts[i]), int(held_starts[i]) + held))
+        parts.append(torch.arange(int(step_starts[i]), int(step_starts[i]) + step))
+    order = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int64)
+    query_start_loc = torch.zeros(len(plan.req_ids) + 1, dtype=torch.int32)
+    torch.cumsum(plan.joined_rows, 0, out=query_start_loc[1:])
+    positions = torch.cat([stage.positions, held_positions.to(stage.positions)])
+    order = order.to(stage.positions.device)
+    return StageRows(
+        stage=0,
+        query_start_loc=query_start_loc,
+        positions=positions[order],
+        kept_rows=order,
+        kv_offsets=stage.kv_offsets,
     )
 
 
@@ -139,7 +199,7 @@ def next_stage(
         kept_rows = kept if previous.kept_rows is None else previous.kept_rows[kept]
         query_start_loc = query_start_loc.to(device="cpu", dtype=torch.int32)
     stage = previous.stage + 1
-    dropped_now = plan.num_rows - query_start_loc.diff().long()
+    dropped_now = plan.joined_rows - query_start_loc.diff().long()
     return StageRows(
         stage=stage,
         query_start_loc=query_start_loc,

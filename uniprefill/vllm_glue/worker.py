@@ -34,11 +34,18 @@ class UniPrefillWorkerExtension:
         }
 
     def uniprefill_requests(self) -> dict[str, Any]:
-        """Pruned requests still holding per-stage KV offsets, and the keep counts (prompt, then
-        after each drop layer) of the most recent pruned prefills, oldest first, and how many
-        steps scored prompts (those run eager)."""
+        """Pruned requests still holding per-stage KV offsets; pruned prompts in chunks whose
+        rows are held at the first drop layer (rows, bytes); the keep counts (prompt, then after
+        each drop layer) of the most recent pruned prefills, oldest first; and how many steps
+        scored or held prompts (those run eager)."""
         pruner = pruner_of(self.model_runner)
         if pruner is None:
-            return {"live": {}, "recent": [], "eager_steps": 0}
+            return {"live": {}, "held": {}, "recent": [], "eager_steps": 0}
         live = {req_id: list(offsets) for req_id, offsets in pruner.kv_offsets.items()}
-        return {"live": live, "recent": list(pruner.recent), "eager_steps": pruner.eager_steps}
+        held = {req_id: [h.num_rows, h.nbytes] for req_id, h in pruner.held.items()}
+        return {
+            "live": live,
+            "held": held,
+            "recent": list(pruner.recent),
+            "eager_steps": pruner.eager_steps,
+        }
