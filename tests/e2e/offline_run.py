@@ -15,6 +15,7 @@ import sys
 
 from helpers import pruning_state  # this script's folder, tests/e2e/, is on sys.path
 from vllm import LLM, SamplingParams
+from vllm.platforms import current_platform
 
 if __name__ == "__main__":
     model, mode, prompts = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
@@ -28,6 +29,7 @@ if __name__ == "__main__":
         result = {
             "main_pid": os.getpid(),
             "plugin_imported_in_main": "uniprefill.plugin" in sys.modules,
+            "platform": type(current_platform).__name__,
             "tokens": [list(out.outputs[0].token_ids) for out in outputs],
         }
         if mode == "enabled":
