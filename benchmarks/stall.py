@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 
@@ -28,8 +29,10 @@ from uniprefill import models, serve
 ENGINES = ("stock", "uniprefill", "whole")
 
 
-def engine_args(name: str, dtype: str, max_len: int) -> dict:
+def engine_args(name: str, dtype: str, max_len: int, budget: int | None) -> dict:
     args = dict(dtype=dtype, max_model_len=max_len, seed=0)
+    if budget is not None:
+        args["max_num_batched_tokens"] = budget
     if name != "stock":
         args["additional_config"] = {"uniprefill": {}}
     if name == "whole":
@@ -40,8 +43,8 @@ def engine_args(name: str, dtype: str, max_len: int) -> dict:
 def stall(llm: LLM, short: list[int], long: list[int], tag: str) -> dict:
     """One repeat on one engine: the long prompt's TTFT and the short request's gaps."""
     core = llm.llm_engine
-    core.add_request(f"short-{tag}", {"prompt_token_ids": short},
-                     SamplingParams(temperature=0, max_tokens=100_000, ignore_eos=True))  # fmt: skip
+    decoding = SamplingParams(temperature=0, max_tokens=100_000, ignore_eos=True)
+    core.add_request(f"short-{tag}", {"prompt_token_ids": short}, decoding)
     times: list[float] = []
 
     def step() -> list:
@@ -78,12 +81,21 @@ def main() -> None:
     parser.add_argument("--max-model-len", type=int, default=16384)
     parser.add_argument("--dtype", default=None, help="default: the CPU's (uniprefill serve's)")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        help="step budget of stock and uniprefill (default: what LLM() picks; `vllm serve` "
+        "picks 2048)",
+    )
+    parser.add_argument("--kv-cache-gib", type=int, default=2, help="per engine")
     parser.add_argument("--json", help="write the rows and every repeat here")
     args = parser.parse_args()
+    os.environ.update(serve.serve_env(args.kv_cache_gib))  # what the engines read at start
 
     path = str(models.prepare(args.model))
     dtype = args.dtype or serve.default_dtype()
-    llms = {name: LLM(model=path, **engine_args(name, dtype, args.max_model_len))
+    llms = {name: LLM(model=path, **engine_args(name, dtype, args.max_model_len,
+                                                      args.max_num_batched_tokens))
             for name in ENGINES}  # fmt: skip
     prompts = Prompts(llms["stock"].get_tokenizer(), corpus="code")
     warm = prompts.take(args.input_len, 1)[0][0]
