@@ -255,29 +255,69 @@ def test_bad_request_field_is_a_value_error_and_the_engine_carries_on(engine, ex
     assert len(tokens_of(engine.generate([{"prompt_token_ids": [5, 6, 7]}], greedy()))[0]) == 8
 
 
-def test_preempted_request_is_recomputed_unpruned_and_leaves_no_state(prepared):
-    """Two pruned requests outgrow a 44-block KV cache while decoding: vLLM preempts the second
-    and recomputes prompt + outputs. Policy: a request with outputs is recomputed unpruned
-    (docs/design/vllm-integration.md, section 10), so it is not pruned a second time, the first
-    request is untouched, and no per-request state is left."""
-    batch = random_prompts((600, 600), seed=3)
-    params = SamplingParams(temperature=0, max_tokens=300, ignore_eos=True)
-    engine_args = dict(max_num_batched_tokens=1024, block_size=32, num_gpu_blocks_override=44)
+@pytest.fixture(scope="module")
+def small_cache(prepared):
+    """tiny-llama with a 44-block KV cache (1,408 tokens) and a 256-token step budget: two
+    long requests outgrow it, and vLLM preempts the second."""
+    engine_args = dict(block_size=32, num_gpu_blocks_override=44, disable_log_stats=False)
     with offline_llm(
         model=str(prepared("tiny-llama")),
         dtype="float32",
         max_model_len=1024,
+        max_num_batched_tokens=STEP_BUDGET,
         additional_config={"uniprefill": TINY_SETTINGS},
         **engine_args,
     ) as llm:
-        solo = [tokens_of(llm.generate([alone(p)], params))[0] for p in batch]
-        outputs = llm.generate([{"prompt_token_ids": p} for p in batch], params)
-        live, recent = live_and_recent(llm)
+        yield llm
+
+
+def prunes_of(llm: LLM, request_id: str) -> int:
+    """How many pruned prefills the worker recorded for a request (recomputes included)."""
+    (worker,) = llm.collective_rpc("uniprefill_requests")
+    return sum(req_id.rsplit("-", 1)[0] == request_id for req_id, _ in worker["recent"])
+
+
+def preemptions(llm: LLM) -> int:
+    (counter,) = [m for m in llm.get_metrics() if m.name == "vllm:num_preemptions"]
+    return int(counter.value)
+
+
+def solo_then_together(llm: LLM, batch: list[list[int]], max_tokens: int) -> tuple:
+    """Each prompt's solo tokens, then the batch's outputs run together and how many
+    preemptions that took."""
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    solo = [tokens_of(llm.generate([alone(p)], params))[0] for p in batch]
+    before = preemptions(llm)
+    outputs = llm.generate([{"prompt_token_ids": p} for p in batch], params)
+    return solo, outputs, preemptions(llm) - before
+
+
+def test_preempted_request_is_recomputed_unpruned_and_leaves_no_state(small_cache):
+    """Two pruned requests outgrow the cache while decoding: vLLM preempts the second and
+    recomputes prompt + outputs. Policy: a request with outputs is recomputed unpruned
+    (docs/design/vllm-integration.md, section 10), so it is not pruned a second time, the first
+    request is untouched, and no per-request state is left."""
+    llm = small_cache
+    solo, outputs, preempted = solo_then_together(llm, random_prompts((600, 600), seed=3), 300)
+    live, _ = live_and_recent(llm)
+    assert preempted > 0
     together = tokens_of(outputs)
     assert together[0] == solo[0]
     assert len(together[1]) == 300
     diverge = next(i for i, (a, b) in enumerate(zip(together[1], solo[1], strict=True)) if a != b)
     assert diverge > 0  # identical until the preemption, then decoded over the full KV
-    assert live == {}
-    assert {out.request_id for out in outputs} <= set(recent)
-    assert len(recent) == 4  # 2 solo + 2 batched prefills: the recompute was not pruned
+    assert live == {} and held(llm) == {}
+    assert [prunes_of(llm, out.request_id) for out in outputs] == [1, 1]  # recompute unpruned
+
+
+def test_request_preempted_mid_prompt_is_pruned_again_from_its_first_chunk(small_cache):
+    """The second prompt's chunks outgrow the cache next to the first request's decodes: vLLM
+    preempts it while the worker holds its earlier chunks. It drops them, and the prompt, with
+    no output yet, is pruned again from its first chunk: its solo tokens, nothing left held."""
+    llm = small_cache
+    solo, outputs, preempted = solo_then_together(llm, random_prompts((900, 900), seed=5), 100)
+    assert preempted > 0
+    assert tokens_of(outputs) == solo
+    assert live_and_recent(llm)[0] == {} and held(llm) == {}
+    # pruned once each: the preempted prompt's first attempt never reached its last chunk
+    assert [prunes_of(llm, out.request_id) for out in outputs] == [1, 1]

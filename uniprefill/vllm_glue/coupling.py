@@ -151,13 +151,14 @@ OVERRIDES: tuple[Override, ...] = (
         f"{_SCHEDULER}._reserve_prefill_lookahead",
         ("self", "request", "num_computed_tokens", "num_new_tokens"),
         _OURS,
-        "a pruned prompt waits for a step that fits it whole instead of being chunked",
+        "a pruned prompt's last chunk keeps its scoring queries; the tokens held between chunks "
+        "are counted against max_held_tokens (the one place that sees every chunk's size)",
     ),
     Override(
         f"{_SCHEDULER}._free_request",
         ("self", "request", "delay_free_blocks"),
         _OURS,
-        "forgets a finished pruned request",
+        "forgets a finished pruned request and its held tokens",
     ),
     Override(
         f"{_COORDINATOR}.cache_blocks",
