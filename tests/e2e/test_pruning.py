@@ -211,6 +211,28 @@ def test_aborted_request_leaves_no_state_behind(engine, family):
     assert live_and_recent(engine)[0] == {}
 
 
+def test_request_preempted_mid_prompt_is_pruned_again_from_its_first_chunk(engine):
+    """Once the worker holds a long prompt's first chunks, vLLM preempts every running request
+    (`reset_prefix_cache(reset_running_requests=True)`, which succeeds only once their blocks
+    are freed). The worker drops the held rows, and the prompt, with no output yet, is pruned
+    again from its first chunk: its solo tokens, one pruned prefill, nothing left."""
+    prompt = random_prompts((3500,), seed=6)[0]
+    solo = tokens_of(engine.generate([alone(prompt)], greedy()))[0]
+    core = engine.llm_engine
+    core.add_request("preempted", {"prompt_token_ids": prompt}, greedy())
+    while not held(engine):
+        pass
+    assert engine.reset_prefix_cache(reset_running_requests=True)
+    tokens = None
+    while core.has_unfinished_requests():
+        for out in core.step():
+            if out.finished:
+                tokens = list(out.outputs[0].token_ids)
+    assert tokens == solo
+    assert held(engine) == {} and live_and_recent(engine)[0] == {}
+    assert prunes_of(engine, "preempted") == 1
+
+
 def test_request_aborted_mid_prompt_leaves_no_held_rows(engine):
     """The engine core steps on its own while the test asks the worker (between steps) until
     the prompt's first chunks are held, then aborts it."""
@@ -308,16 +330,3 @@ def test_preempted_request_is_recomputed_unpruned_and_leaves_no_state(small_cach
     assert diverge > 0  # identical until the preemption, then decoded over the full KV
     assert live == {} and held(llm) == {}
     assert [prunes_of(llm, out.request_id) for out in outputs] == [1, 1]  # recompute unpruned
-
-
-def test_request_preempted_mid_prompt_is_pruned_again_from_its_first_chunk(small_cache):
-    """The second prompt's chunks outgrow the cache next to the first request's decodes: vLLM
-    preempts it while the worker holds its earlier chunks. It drops them, and the prompt, with
-    no output yet, is pruned again from its first chunk: its solo tokens, nothing left held."""
-    llm = small_cache
-    solo, outputs, preempted = solo_then_together(llm, random_prompts((900, 900), seed=5), 100)
-    assert preempted > 0
-    assert tokens_of(outputs) == solo
-    assert live_and_recent(llm)[0] == {} and held(llm) == {}
-    # pruned once each: the preempted prompt's first attempt never reached its last chunk
-    assert [prunes_of(llm, out.request_id) for out in outputs] == [1, 1]
