@@ -4,8 +4,10 @@ Baselines (--baseline):
   stock (default): what users compare, `vllm serve MODEL --plugin uniprefill` against plain
     `vllm serve MODEL`. Both engines get only dtype, max_model_len and seed, so vLLM's defaults
     hold everywhere else (compiled graph, chunked prefill with vLLM's step budget, prefix
-    caching); the UniPrefill engine adds its settings and adjusts what it needs itself (it raises
-    max_num_batched_tokens to max_model_len where that is lower).
+    caching); the UniPrefill engine adds its settings and adjusts what it needs itself (prefix
+    caching off on linear-attention models). Results before chunked prefill with pruning
+    (docs/benchmarks.md says which) ran UniPrefill with max_num_batched_tokens raised to
+    max_model_len.
   matched: a mechanism view, not what users run. Both engines run eager, without prefix caching,
     with the whole prompt in one step (max_num_batched_tokens = max_model_len); only pruning
     differs.
