@@ -11,6 +11,7 @@ the compiled graph).
 """
 
 import os
+import time
 
 import pytest
 from transformers import AutoConfig
@@ -110,6 +111,15 @@ def held(llm: LLM) -> dict:
     """Pruned prompts in chunks whose rows the worker holds: request id -> rows."""
     (worker,) = llm.collective_rpc("uniprefill_requests")
     return {k.rsplit("-", 1)[0]: rows for k, (rows, _) in worker["held"].items()}
+
+
+def wait_until_held(llm: LLM, timeout_s: float = 120) -> dict:
+    """Ask the worker (between the steps the engine core runs on its own) until it holds some
+    prompt's chunks; fails, rather than hangs, if it never does."""
+    deadline = time.monotonic() + timeout_s
+    while not (seen := held(llm)):
+        assert time.monotonic() < deadline, "no pruned prompt's chunks were ever held"
+    return seen
 
 
 def test_runner_has_every_attribute_uniprefill_reads(engine):
@@ -220,8 +230,7 @@ def test_request_preempted_mid_prompt_is_pruned_again_from_its_first_chunk(engin
     solo = tokens_of(engine.generate([alone(prompt)], greedy()))[0]
     core = engine.llm_engine
     core.add_request("preempted", {"prompt_token_ids": prompt}, greedy())
-    while not held(engine):
-        pass
+    wait_until_held(engine)
     assert engine.reset_prefix_cache(reset_running_requests=True)
     tokens = None
     while core.has_unfinished_requests():
@@ -238,9 +247,7 @@ def test_request_aborted_mid_prompt_leaves_no_held_rows(engine):
     the prompt's first chunks are held, then aborts it."""
     core = engine.llm_engine
     core.add_request("mid", {"prompt_token_ids": random_prompts((3500,), seed=4)[0]}, greedy())
-    seen = {}
-    while not seen:
-        seen = held(engine)
+    seen = wait_until_held(engine)
     assert list(seen) == ["mid"] and seen["mid"] % STEP_BUDGET == 0
     core.abort_request(["mid"])
     engine.generate([{"prompt_token_ids": [5, 6, 7]}], greedy())
