@@ -60,6 +60,8 @@ class ReferenceResult:
     layer_tokens: list[int] = field(default_factory=list)  # tokens each layer processed
     kept_positions: list[torch.Tensor] = field(default_factory=list)  # prompt positions per drop
     block_scores: list[torch.Tensor] = field(default_factory=list)  # per drop, what top-p ran on
+    # per layer asked for in `capture`: its prefill's rotated (query, key), [1, H, n, d] each
+    captured: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
 
 class _Runner:
@@ -126,6 +128,7 @@ def generate(
     max_new_tokens: int,
     backend: str = "auto",
     keep_positions: list[torch.Tensor] | None = None,
+    capture: frozenset[int] = frozenset(),
 ) -> ReferenceResult:
     """Greedy generation with a UniPrefill prefill; `config=None` runs the unmodified model.
 
@@ -133,18 +136,22 @@ def generate(
     keep_positions: per drop layer, the prompt positions to keep instead of selecting. An
     earlier prefill's `kept_positions` plus every position after its prompt is what reusing
     that prefill's compacted KV as this prompt's prefix would compute.
+    capture: layers whose prefill queries and keys the result returns (what a study scores
+    policies on without rerunning the model).
     """
     runner = _Runner(model)
     previous_attention = model.config._attn_implementation
     model.set_attn_implementation(ATTENTION)
     try:
-        return _generate(runner, input_ids, config, max_new_tokens, backend, keep_positions)
+        return _generate(
+            runner, input_ids, config, max_new_tokens, backend, keep_positions, capture
+        )
     finally:
         model.set_attn_implementation(previous_attention)
 
 
 def _generate(
-    runner: _Runner, input_ids, config, max_new_tokens, backend, keep_positions
+    runner: _Runner, input_ids, config, max_new_tokens, backend, keep_positions, capture
 ) -> ReferenceResult:
     if config is not None and config.drop_layers == "auto":
         raise ValueError("resolve the config first: config.resolve(layer_types(model.config))")
@@ -158,7 +165,7 @@ def _generate(
         layer_tokens.append(hidden.shape[1])
         if i not in drop_layers:
             return hidden, positions, False
-        query, key = captured.pop(i)
+        query, key = captured[i] if i in capture else captured.pop(i)
         if keep_positions is not None:
             wanted = keep_positions[len(kept) - 1].to(device)
             kept_indices = torch.isin(positions[0], wanted).nonzero()[:, 0]
@@ -179,10 +186,11 @@ def _generate(
         return hidden[:, kept_indices], positions, True
 
     start = time.perf_counter()
-    with _capturing(drop_layers) as captured:
+    with _capturing(drop_layers | capture) as captured:
         hidden = runner.inner.embed_tokens(ids[None])
         positions = torch.arange(ids.numel(), device=device)[None]
         hidden = runner.run_layers(hidden, positions, cache, prefill=True, on_layer=prune)
+        kept_captures = {i: captured[i] for i in capture}
     logits = runner.logits(hidden[0, -1])
     prefill_seconds = time.perf_counter() - start
 
@@ -193,5 +201,12 @@ def _generate(
         hidden = runner.run_layers(hidden, positions, cache, prefill=False)
         tokens.append(int(runner.logits(hidden[0, -1]).argmax()))
     return ReferenceResult(
-        tokens, kept, first_logits, prefill_seconds, layer_tokens, kept_positions, block_scores
+        tokens,
+        kept,
+        first_logits,
+        prefill_seconds,
+        layer_tokens,
+        kept_positions,
+        block_scores,
+        kept_captures,
     )

@@ -7,6 +7,7 @@ from transformers import AutoModelForCausalLM
 from tests.conftest import TINY_MODELS
 from uniprefill.config import UniPrefillConfig
 from uniprefill.families import layer_types
+from uniprefill.ops import select_tokens
 from uniprefill.reference import generate
 
 N = 700  # > tiny-gemma3's 128-token window, several 16-token blocks
@@ -87,3 +88,21 @@ def test_a_reused_prefix_keeps_its_selection_and_every_later_token(model):
     reused = [torch.cat([kept, later]) for kept in first.kept_positions]
     ours = generate(model, longer, config=config, max_new_tokens=1, keep_positions=reused)
     assert ours.kept_per_stage == [N + 50] + [len(k) + 50 for k in first.kept_positions]
+
+
+def test_captures_of_an_unpruned_run_give_the_first_drop_layers_selection(model):
+    """What the policy study scores on: an unpruned run's captured queries and keys at a drop
+    layer. Before the first drop nothing differs, so selecting from them is the pruned run's
+    first selection exactly; capturing changes nothing else."""
+    config = UniPrefillConfig(p=0.9, **RULE).resolve(layer_types(model.config))
+    first = config.drop_layers[0]
+    plain = generate(model, prompt(), config=None, max_new_tokens=4)
+    captured = generate(model, prompt(), config=None, max_new_tokens=4, capture=frozenset([first]))
+    assert captured.tokens == plain.tokens and set(captured.captured) == {first}
+    query, key = captured.captured[first]
+    selection = select_tokens(
+        query[0].transpose(0, 1), key[0].transpose(0, 1), torch.tensor([0, N]),
+        p=config.p, rule=config.rule,
+    )  # fmt: skip
+    pruned = generate(model, prompt(), config=config, max_new_tokens=4)
+    assert torch.equal(selection.kept_indices, pruned.kept_positions[0])
