@@ -35,9 +35,11 @@ from realtext_tasks import TASKS, locate, prompt_ids, sample_of_length
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from uniprefill import models
+from uniprefill.config import UniPrefillConfig
 from uniprefill.ops.select.common import keep_from_block_scores
 from uniprefill.ops.select.rule import SelectionRule
 from uniprefill.reference import generate
+from uniprefill.requests import ParagraphBreaks, paragraph_breaks, scoring_queries
 
 SINK = 128
 FLOOR = 512  # a keep-share cap never keeps fewer tokens than this
@@ -124,9 +126,10 @@ def token_scores(q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor, kept: tor
     return torch.softmax(logits, dim=-1).sum(dim=(0, 1))
 
 
-def sweep(policy: Policy, captures, n: int, question_start: int, depth: int) -> dict:
-    """One policy on one prompt's captures: kept positions per stage and the ideal."""
-    tail = n - question_start if policy.queries is None else policy.queries
+def sweep(policy: Policy, captures, n: int, question: int, depth: int) -> dict:
+    """One policy on one prompt's captures (`question`: its question's tokens, as the engine's
+    `queries: "question"` counts them): kept positions per stage and the ideal."""
+    tail = question if policy.queries is None else policy.queries
     rows = torch.arange(n - tail, n)
     rule = SelectionRule(block_size=policy.block, sink=SINK, last_q=tail)
     kept = torch.arange(n)
@@ -180,6 +183,13 @@ def _cap(keep: torch.Tensor, block_scores, budget: int, rule: SelectionRule, m: 
     return forced | chosen_mask[block_of]
 
 
+QUESTION = UniPrefillConfig(queries="question")  # how `qq` counts a prompt's question
+
+
+def question_breaks(model) -> ParagraphBreaks:
+    return paragraph_breaks(model.config._name_or_path, None, False)
+
+
 def reply_of(tokenizer, result) -> str:
     """The reply up to its first special token (the end of the turn)."""
     special = set(tokenizer.all_special_ids)
@@ -200,14 +210,15 @@ def measure_prompt(model, tokenizer, task: str, seed: int, length: int, policies
     row["closed_book_right"] = sample.correct(reply_of(tokenizer, closed))
     if row["closed_book_right"]:
         return row
-    ids, evidence, question_start = locate(tokenizer, sample)
+    ids, evidence = locate(tokenizer, sample)
+    question = scoring_queries(QUESTION, ids, question_breaks(model))
     layers = frozenset(d for p in policies for d in p.drops)
     start = time.perf_counter()
     full = generate(model, torch.tensor(ids), config=None, max_new_tokens=new, capture=layers)
     row.update(
         tokens=len(ids),
         depth=round(sample.depth, 3),
-        question_tokens=len(ids) - question_start,
+        question_tokens=question,
         unpruned_reply=reply_of(tokenizer, full),
         unpruned_right=sample.correct(reply_of(tokenizer, full)),
         unpruned_s=round(time.perf_counter() - start, 1),
@@ -218,7 +229,7 @@ def measure_prompt(model, tokenizer, task: str, seed: int, length: int, policies
     needed = torch.tensor(evidence)
     row["policies"] = {}
     for policy in policies:
-        out = sweep(policy, full.captured, len(ids), question_start, depth)
+        out = sweep(policy, full.captured, len(ids), question, depth)
         row["policies"][policy.spec] = {
             "survives": [bool(torch.isin(needed, s).all()) for s in out["stages"]],
             "kept": out["kept"],
@@ -229,21 +240,20 @@ def measure_prompt(model, tokenizer, task: str, seed: int, length: int, policies
 
 def run_finalist(model, tokenizer, row: dict, spec: str) -> dict:
     """The policy run for real (reference path, pruned), answer checked."""
-    from uniprefill.config import UniPrefillConfig
-
     policy = Policy.parse(spec)
     if policy.shares or policy.accumulate or policy.recompute or len(set(policy.p)) > 1:
         raise ValueError(f"{spec}: not a setting the engine has yet")
     sample = sample_of_length(tokenizer, row["task"], row["seed"], row["length"])
-    ids, evidence, question_start = locate(tokenizer, sample)
-    last_q = len(ids) - question_start if policy.queries is None else policy.queries
+    ids, evidence = locate(tokenizer, sample)
+    queries = {"queries": "question"} if policy.queries is None else {"last_q": policy.queries}
     config = UniPrefillConfig(
-        p=policy.p[0], last_q=last_q, block_size=policy.block, sink=SINK,
-        drop_layers=policy.drops, min_prompt_len=0,
+        p=policy.p[0], block_size=policy.block, sink=SINK, drop_layers=policy.drops,
+        min_prompt_len=0, **queries,
     )  # fmt: skip
     result = generate(
-        model, torch.tensor(ids), config=config, max_new_tokens=MAX_NEW_TOKENS.get(row["task"], 16)
-    )
+        model, torch.tensor(ids), config=config, max_new_tokens=MAX_NEW_TOKENS.get(row["task"], 16),
+        breaks=question_breaks(model),
+    )  # fmt: skip
     needed = torch.tensor(evidence)
     return {
         "right": sample.correct(reply_of(tokenizer, result)),

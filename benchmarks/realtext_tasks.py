@@ -220,16 +220,14 @@ def prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def locate(tokenizer, sample: Sample) -> tuple[list[int], list[int], int]:
-    """Prompt ids, the token indices of the evidence, and where the question's tokens start."""
+def locate(tokenizer, sample: Sample) -> tuple[list[int], list[int]]:
+    """Prompt ids and the token indices of the evidence."""
     text = tokenizer.apply_chat_template(
         sample.messages, tokenize=False, add_generation_prompt=True
     )
     enc = tokenizer(text, return_offsets_mapping=True, add_special_tokens=False)
     at = text.index(sample.context)
     spans = [(at + s, at + e) for s, e in sample.evidence]
-    question_at = text.rfind(sample.question)
     offsets = enc["offset_mapping"]
     evidence = [i for i, (lo, hi) in enumerate(offsets) if any(lo < e and s < hi for s, e in spans)]
-    question_start = next(i for i, (lo, hi) in enumerate(offsets) if hi > question_at)
-    return enc["input_ids"], evidence, question_start
+    return enc["input_ids"], evidence

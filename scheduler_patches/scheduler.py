@@ -39,7 +39,13 @@ from vllm.v1.core.single_type_kv_cache_manager import SlidingWindowManager
 from vllm.v1.request import Request
 
 from uniprefill.config import CONFIG_KEY, UniPrefillConfig
-from uniprefill.requests import keep_unpruned, request_p, will_prune
+from uniprefill.requests import (
+    keep_unpruned,
+    question_breaks,
+    request_p,
+    scoring_queries,
+    will_prune,
+)
 from uniprefill.vllm_glue.coupling import (
     SCHEDULER_ATTRIBUTES,
     missing_attributes,
@@ -59,6 +65,7 @@ class UniPrefillScheduler(Scheduler):
         self.uniprefill = UniPrefillConfig.from_dict(vllm_config.additional_config[CONFIG_KEY])
         self.pruned_req_ids: set[str] = set()  # pruned: no prefix cache
         self.held_tokens: dict[str, int] = {}  # pruned prompts in chunks -> prompt tokens
+        self.breaks = question_breaks(self.uniprefill, vllm_config.model_config)
         # Block hashes of recently pruned prompts, oldest first (they never enter the cache);
         # kept only where a repeat of one is filled into the cache.
         self.recently_pruned: OrderedDict[str, frozenset[Any]] = OrderedDict()
@@ -108,7 +115,7 @@ class UniPrefillScheduler(Scheduler):
         self.pruned_req_ids.discard(request.request_id)
         p = request_p(self.uniprefill, request.sampling_params)
         if request.num_output_tokens > 0 or not will_prune(
-            self.uniprefill, p, request.num_prompt_tokens
+            self.uniprefill, p, request.num_prompt_tokens, self._queries(request)
         ):
             return hit  # the workers prune only fresh prompts: nothing to decide
         if self._served_from_cache(request, hit[1]):
@@ -167,7 +174,10 @@ class UniPrefillScheduler(Scheduler):
             return num_new_tokens
         self.held_tokens[req_id] = request.num_tokens
         # Leave the last chunk the queries that score the prompt (0: wait for more room).
-        return max(0, min(num_new_tokens, rest - self.uniprefill.last_q))
+        return max(0, min(num_new_tokens, rest - self._queries(request)))
+
+    def _queries(self, request: Request) -> int:
+        return scoring_queries(self.uniprefill, request.prompt_token_ids, self.breaks)
 
     def _may_hold(self, request: Request) -> bool:
         """Whether a pruned prompt starting in chunks fits under `max_held_tokens`; if not, it

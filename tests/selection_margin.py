@@ -17,21 +17,29 @@ from uniprefill.ops.select.rule import SelectionRule
 
 
 def keep_count_bounds(
-    block_scores: torch.Tensor, n: int, *, p: float, rule: SelectionRule, tolerance: float
+    block_scores: torch.Tensor,
+    n: int,
+    *,
+    p: float,
+    rule: SelectionRule,
+    tolerance: float,
+    queries: int | None = None,
 ) -> tuple[int, int]:
     """(fewest, most) tokens of an n-token request kept by the rule, over every perturbation of
     its block masses by a factor within [1 - tolerance, 1 + tolerance].
 
     block_scores: [num_blocks] the request's block scores at the drop layer (any scale).
+    queries: the request's scoring queries (default rule.last_q).
     """
-    if not prunable_mask(n, p=p, rule=rule):
+    queries = rule.last_q if queries is None else queries
+    if not prunable_mask(n, p=p, rule=rule, queries=queries):
         return n, n
     num_blocks = -(-n // rule.block_size)
     scores = block_scores[:num_blocks].double()
     block = torch.arange(num_blocks)
     starts, ends = block * rule.block_size, torch.clamp((block + 1) * rule.block_size, max=n)
     if rule.normalize_over == "unforced_blocks":  # as the operator's top-p step does
-        scores = scores.masked_fill(forced_blocks(block, torch.tensor([n]), rule)[0], 0.0)
+        scores = scores.masked_fill(forced_blocks(block, torch.tensor([n]), rule, queries)[0], 0.0)
     mass = scores / scores.sum()
     low, high = mass * (1 - tolerance), mass * (1 + tolerance)
     others = ~torch.eye(num_blocks, dtype=torch.bool)  # [b, c]: c is another block than b
@@ -44,7 +52,7 @@ def keep_count_bounds(
 
     # Tokens kept whatever the scores: the sink and the scoring queries.
     unforced = (
-        torch.minimum(ends, torch.tensor(n - rule.last_q)) - torch.clamp(starts, min=rule.sink)
+        torch.minimum(ends, torch.tensor(n - queries)) - torch.clamp(starts, min=rule.sink)
     ).clamp(min=0)
     forced = n - int(unforced.sum())
     return forced + int(unforced[surely_kept].sum()), forced + int(unforced[maybe_kept].sum())
@@ -58,6 +66,7 @@ def assert_keep_counts_agree(
     p: float,
     rule: SelectionRule,
     tolerance: float,
+    queries: int | None = None,
 ) -> bool:
     """Check an engine's keep counts (prompt, then after each drop layer) against the reference
     path's, drop by drop, within the rounding margin. True when every drop's kept set was
@@ -67,7 +76,9 @@ def assert_keep_counts_agree(
     assert engine_kept[0] == reference_kept[0]
     for drop, scores in enumerate(reference_scores):
         n = reference_kept[drop]
-        fewest, most = keep_count_bounds(scores, n, p=p, rule=rule, tolerance=tolerance)
+        fewest, most = keep_count_bounds(
+            scores, n, p=p, rule=rule, tolerance=tolerance, queries=queries
+        )
         assert fewest <= engine_kept[drop + 1] <= most, (
             f"drop {drop}: the engine kept {engine_kept[drop + 1]} of {n} tokens, the rule keeps "
             f"{fewest}..{most} within a relative mass tolerance of {tolerance}"

@@ -18,6 +18,7 @@ CONFIG_KEY = "uniprefill"  # the key of vLLM's additional_config that carries th
 FULL_ATTENTION = "full_attention"
 LINEAR_ATTENTION = "linear_attention"
 REPEATED_PREFIX = ("fill", "prune")  # UniPrefillConfig.repeated_prefix
+QUERIES = ("last_q", "question")  # UniPrefillConfig.queries
 # Named settings: `{"preset": "paper"}` is the paper's rule with its defaults; keys given next to
 # a preset override it.
 PRESETS = {
@@ -40,6 +41,11 @@ class UniPrefillConfig:
     block_size: tokens per scored block (a power of two).
     sink: leading tokens always kept.
     last_q: number of trailing queries that score the prompt; those tokens are always kept.
+    queries: which of a prompt's last tokens score it (and are kept): "last_q", its last last_q
+        tokens; "question", the tokens after its last paragraph break (a blank line: where a
+        chat or document prompt's question starts) within its last max_queries tokens, at least
+        last_q; a prompt with no such break is scored by its last last_q (uniprefill.requests).
+    max_queries: the most tokens "question" scores with (a longer last paragraph: last_q).
     drop_layers: "auto" (chosen from the model's layer kinds) or explicit layer indices; each
         must be a full-attention layer.
     min_prompt_len: prompts shorter than this are never pruned.
@@ -61,6 +67,8 @@ class UniPrefillConfig:
     block_size: int = 64
     sink: int = 128
     last_q: int = 16  # the paper uses 128; docs/benchmarks.md (RULER study) for why 16
+    queries: str = "last_q"
+    max_queries: int = 256
     drop_layers: str | tuple[int, ...] = "auto"
     min_prompt_len: int = 1024
     normalize_over: str = "all_blocks"
@@ -83,11 +91,26 @@ class UniPrefillConfig:
         held = self.max_held_tokens
         if isinstance(held, bool) or not isinstance(held, int) or held < 1:
             raise ValueError(f"uniprefill.max_held_tokens must be a positive integer, got {held!r}")
+        if self.queries not in QUERIES:
+            raise ValueError(
+                f"uniprefill.queries must be one of {list(QUERIES)}, got {self.queries!r}"
+            )
+        most = self.max_queries
+        if isinstance(most, bool) or not isinstance(most, int) or most < self.last_q:
+            raise ValueError(
+                f"uniprefill.max_queries must be an integer of at least last_q ({self.last_q}), "
+                f"got {most!r}"
+            )
         if self.repeated_prefix not in REPEATED_PREFIX:
             raise ValueError(
                 f"uniprefill.repeated_prefix must be one of {list(REPEATED_PREFIX)}, "
                 f"got {self.repeated_prefix!r}"
             )
+
+    @property
+    def most_queries(self) -> int:
+        """The most scoring queries a prompt can have: its last chunk must hold them."""
+        return self.max_queries if self.queries == "question" else self.last_q
 
     @property
     def rule(self) -> SelectionRule:

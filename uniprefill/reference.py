@@ -25,6 +25,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from uniprefill.config import UniPrefillConfig
 from uniprefill.families import layer_types
 from uniprefill.ops import select_tokens
+from uniprefill.requests import ParagraphBreaks, paragraph_breaks, scoring_queries
 
 ATTENTION = "uniprefill_sdpa"
 _captured: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # layer -> (query, key) of prefill
@@ -129,6 +130,7 @@ def generate(
     backend: str = "auto",
     keep_positions: list[torch.Tensor] | None = None,
     capture: frozenset[int] = frozenset(),
+    breaks: ParagraphBreaks | None = None,
 ) -> ReferenceResult:
     """Greedy generation with a UniPrefill prefill; `config=None` runs the unmodified model.
 
@@ -138,20 +140,24 @@ def generate(
     that prefill's compacted KV as this prompt's prefix would compute.
     capture: layers whose prefill queries and keys the result returns (what a study scores
     policies on without rerunning the model).
+    breaks: paragraph-break token ids for `queries: "question"` (default: from the tokenizer
+    saved with the model).
     """
+    if config is not None and config.queries == "question" and breaks is None:
+        breaks = paragraph_breaks(model.config._name_or_path, None, False)
     runner = _Runner(model)
     previous_attention = model.config._attn_implementation
     model.set_attn_implementation(ATTENTION)
     try:
         return _generate(
-            runner, input_ids, config, max_new_tokens, backend, keep_positions, capture
+            runner, input_ids, config, max_new_tokens, backend, keep_positions, capture, breaks
         )
     finally:
         model.set_attn_implementation(previous_attention)
 
 
 def _generate(
-    runner: _Runner, input_ids, config, max_new_tokens, backend, keep_positions, capture
+    runner: _Runner, input_ids, config, max_new_tokens, backend, keep_positions, capture, breaks
 ) -> ReferenceResult:
     if config is not None and config.drop_layers == "auto":
         raise ValueError("resolve the config first: config.resolve(layer_types(model.config))")
@@ -160,6 +166,8 @@ def _generate(
     ids = input_ids.to(device)
     cache = DynamicCache(config=runner.config)
     kept, layer_tokens, kept_positions, block_scores = [ids.numel()], [], [], []
+    if config is not None:
+        queries = torch.tensor([scoring_queries(config, input_ids.tolist(), breaks)])
 
     def prune(i, hidden, positions):
         layer_tokens.append(hidden.shape[1])
@@ -177,6 +185,7 @@ def _generate(
                 p=config.p,
                 rule=config.rule,
                 backend=backend,
+                queries=queries,
             )
             kept_indices = selection.kept_indices
             block_scores.append(selection.block_scores[0].cpu())

@@ -11,7 +11,9 @@ A request's KV layout depends on this decision, so it is made from the request a
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from functools import cache
 from typing import Any
 
 from uniprefill.config import UniPrefillConfig
@@ -87,6 +89,78 @@ def request_p(config: UniPrefillConfig, sampling_params: Any) -> float:
     return config.p if asked is None else asked
 
 
-def will_prune(config: UniPrefillConfig, p: float, prompt_len: int) -> bool:
-    """Whether a fresh prompt of `prompt_len` tokens, asking for `p`, is scored at drop layers."""
-    return bool(config.drop_layers) and prunable_mask(prompt_len, p=p, rule=config.rule)
+def will_prune(config: UniPrefillConfig, p: float, prompt_len: int, queries: int) -> bool:
+    """Whether a fresh prompt of `prompt_len` tokens, asking for `p` and scored by `queries`
+    tokens, is scored at drop layers."""
+    return bool(config.drop_layers) and prunable_mask(
+        prompt_len, p=p, rule=config.rule, queries=queries
+    )
+
+
+@dataclass(frozen=True)
+class ParagraphBreaks:
+    """Which tokens make a blank line: one token holding "\n\n", or a token starting with a
+    newline right after one ending with a newline (tokenizers that split newlines apart)."""
+
+    inside: frozenset[int] = frozenset()
+    ends: frozenset[int] = frozenset()
+    starts: frozenset[int] = frozenset()
+
+    def __bool__(self) -> bool:
+        return bool(self.inside or self.starts)
+
+    def at(self, ids: Sequence[int], i: int) -> bool:
+        """Whether a blank line ends with token i."""
+        return ids[i] in self.inside or (
+            i > 0 and ids[i] in self.starts and ids[i - 1] in self.ends
+        )
+
+
+NO_BREAKS = ParagraphBreaks()
+
+
+def scoring_queries(
+    config: UniPrefillConfig, prompt_ids: Sequence[int] | None, breaks: ParagraphBreaks
+) -> int:
+    """How many of a prompt's last tokens score it (config.queries). The scheduler and every
+    worker compute it from the prompt's ids alone, so they agree.
+
+    "question": the tokens after the last blank line (`breaks`) among the last max_queries + 1,
+    at least last_q; none there (e.g. a raw completion prompt with no blank line near its end,
+    or prompt embeddings): last_q.
+    """
+    if config.queries != "question" or not prompt_ids or not breaks:
+        return config.last_q
+    n = len(prompt_ids)
+    for i in range(n - 1, max(n - config.max_queries - 1, 0) - 1, -1):
+        if breaks.at(prompt_ids, i):
+            return max(config.last_q, n - 1 - i)
+    return config.last_q
+
+
+def question_breaks(config: UniPrefillConfig, model_config: Any) -> ParagraphBreaks:
+    """The blank-line tokens `scoring_queries` looks for (none unless queries="question"),
+    from the tokenizer a vLLM model config names."""
+    if config.queries != "question":
+        return NO_BREAKS
+    return paragraph_breaks(
+        model_config.tokenizer, model_config.tokenizer_revision, model_config.trust_remote_code
+    )
+
+
+@cache
+def paragraph_breaks(
+    tokenizer: str, revision: str | None, trust_remote_code: bool
+) -> ParagraphBreaks:
+    """The model's tokenizer's blank-line tokens."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(
+        tokenizer, revision=revision, trust_remote_code=trust_remote_code
+    )
+    texts = list(enumerate(tok.batch_decode([[i] for i in range(len(tok))])))
+    return ParagraphBreaks(
+        inside=frozenset(i for i, text in texts if "\n\n" in text),
+        ends=frozenset(i for i, text in texts if text.endswith("\n")),
+        starts=frozenset(i for i, text in texts if text.startswith("\n")),
+    )

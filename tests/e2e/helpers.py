@@ -29,8 +29,24 @@ VLLM_DTYPE = {"tiny-qwen3-next": "bfloat16"}
 MASS_TOLERANCE = {"float32": 1e-3, "bfloat16": 3e-2}
 
 
-# Small blocks and sinks so prompts of a few hundred tokens are pruned on the tiny models.
-TINY_SETTINGS = {"p": 0.9, "min_prompt_len": 256, "sink": 64, "last_q": 32, "block_size": 16}
+# Small blocks and sinks so prompts of a few hundred tokens are pruned on the tiny models; a
+# prompt is scored by its question (the tokens after its last blank line, 32 to 64 of them) or
+# by its last 32 tokens if it has none.
+TINY_SETTINGS = {
+    "p": 0.9,
+    "min_prompt_len": 256,
+    "sink": 64,
+    "last_q": 32,
+    "block_size": 16,
+    "queries": "question",
+    "max_queries": 64,
+}
+NEWLINE = 204  # the tiny models' tokenizer's "\n" (uniprefill/models/tokenizer.py)
+
+
+def with_question(prompt: list[int], question: int) -> list[int]:
+    """The prompt, same length, with a blank line before its last `question` tokens."""
+    return [*prompt[: -question - 2], NEWLINE, NEWLINE, *prompt[-question:]]
 
 
 def random_prompts(lengths=(1500, 40, 900, 300), seed=0) -> list[list[int]]:
@@ -62,10 +78,12 @@ def check_against_reference(
     from uniprefill.config import UniPrefillConfig
     from uniprefill.families import layer_types
     from uniprefill.reference import generate
+    from uniprefill.requests import paragraph_breaks, scoring_queries
 
     dtype = vllm_dtype(model_dir.name)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).eval()
     config = UniPrefillConfig.from_dict(settings).resolve(layer_types(model.config))
+    breaks = paragraph_breaks(str(model_dir), None, False)
     determined = 0
     for prompt, engine_kept, engine_tokens in zip(prompts, kept, tokens, strict=True):
         ref = generate(
@@ -78,6 +96,7 @@ def check_against_reference(
             p=config.p,
             rule=config.rule,
             tolerance=MASS_TOLERANCE[dtype],
+            queries=scoring_queries(config, prompt, breaks),
         ):
             determined += 1
             if dtype == "float32":

@@ -165,6 +165,32 @@ def test_per_request_p_equals_each_request_alone_with_its_p(backend):
 
 
 @pytest.mark.parametrize("backend", RUNNABLE)
+def test_per_request_queries_equal_each_request_alone_with_that_last_q(backend):
+    """A request scored by its own query count (e.g. its question's tokens) keeps what the rule
+    with last_q = that count keeps, whatever the other requests' counts; the short request's
+    padding rows (the batch scores with the largest count) count for nothing."""
+    lens, counts = [800, 1, 1200, 400], [5, 1, 70, 32]
+    q, k, cu = make_batch(lens, seed=7)
+    batch = select_tokens(q, k, cu, p=0.9, rule=RULE, backend=backend, queries=torch.tensor(counts))
+    bounds = cu.tolist()
+    for count, start, end in zip(counts, bounds[:-1], bounds[1:], strict=True):
+        one = torch.tensor([0, end - start], dtype=torch.int32)
+        rule = dataclasses.replace(RULE, last_q=count)
+        alone = select_tokens(q[start:end], k[start:end], one, p=0.9, rule=rule, backend=backend)
+        assert torch.equal(alone.keep, batch.keep[start:end])
+        if end - start > RULE.sink + count:
+            assert batch.keep[end - count : end].all() and not batch.keep[start:end].all()
+
+
+def test_bad_query_counts_are_refused():
+    q, k, cu = make_batch([300, 200])
+    with pytest.raises(ValueError, match="queries must be an integer tensor"):
+        select_tokens(q, k, cu, p=0.9, rule=RULE, queries=torch.tensor([4]))
+    with pytest.raises(ValueError, match="at least one scoring query"):
+        select_tokens(q, k, cu, p=0.9, rule=RULE, queries=torch.tensor([4, 0]))
+
+
+@pytest.mark.parametrize("backend", RUNNABLE)
 def test_p_one_keeps_everything(backend):
     q, k, cu = make_batch([2000, 1, 500])
     sel = select_tokens(q, k, cu, p=1.0, rule=RULE, backend=backend)

@@ -5,7 +5,14 @@ from types import SimpleNamespace
 import pytest
 
 from uniprefill.config import UniPrefillConfig
-from uniprefill.requests import keep_unpruned, parse_request_controls, request_p, will_prune
+from uniprefill.requests import (
+    ParagraphBreaks,
+    keep_unpruned,
+    parse_request_controls,
+    request_p,
+    scoring_queries,
+    will_prune,
+)
 
 CONFIG = UniPrefillConfig(p=0.95, drop_layers=(2, 4), sink=16, last_q=16, min_prompt_len=100)
 
@@ -63,10 +70,37 @@ def test_request_p_defaults_overrides_and_never_fails():
 
 
 def test_will_prune_follows_the_operators_length_rule():
-    assert will_prune(CONFIG, 0.9, 100)
-    assert not will_prune(CONFIG, 0.9, 99)  # below min_prompt_len
-    assert not will_prune(CONFIG, 1.0, 5000)
-    assert not will_prune(UniPrefillConfig(sink=64, last_q=64, min_prompt_len=0), 0.9, 128)
+    assert will_prune(CONFIG, 0.9, 100, 16)
+    assert not will_prune(CONFIG, 0.9, 99, 16)  # below min_prompt_len
+    assert not will_prune(CONFIG, 1.0, 5000, 16)
+    assert not will_prune(UniPrefillConfig(sink=64, last_q=64, min_prompt_len=0), 0.9, 128, 64)
+    # a prompt scored by its 100-token question needs sink + 100 tokens before anything can go
+    assert not will_prune(CONFIG, 0.9, 116, 100) and will_prune(CONFIG, 0.9, 117, 100)
+
+
+BREAK = 7  # a blank-line token id in these prompts
+NEWLINE = 8  # a lone newline: two in a row make a blank line too
+BREAKS = ParagraphBreaks(inside=frozenset([BREAK]), ends={NEWLINE}, starts={NEWLINE})
+
+
+@pytest.mark.parametrize(
+    ("tail", "expected"),
+    [
+        ([BREAK, *range(20, 60)], 40),  # the 40 tokens after the last blank line
+        ([BREAK, 1, 2, BREAK, *range(20, 30)], 16),  # a short last paragraph: at least last_q
+        ([BREAK, *range(20, 120)], 100),  # exactly max_queries
+        ([BREAK, *range(20, 121)], 16),  # longer than max_queries: no question found
+        (list(range(20, 220)), 16),  # no blank line near the end (a raw completion prompt)
+        ([BREAK, 1, NEWLINE, NEWLINE, *range(20, 50)], 30),  # a blank line of two tokens
+        ([BREAK, 1, NEWLINE, 2, *range(20, 50)], 33),  # one newline is no blank line
+    ],
+)
+def test_question_queries_are_the_tokens_after_the_last_blank_line(tail, expected):
+    config = UniPrefillConfig(queries="question", last_q=16, max_queries=100)
+    prompt = [BREAK, *range(100, 400), *tail]
+    assert scoring_queries(config, prompt, BREAKS) == expected
+    assert scoring_queries(CONFIG, prompt, BREAKS) == 16  # queries="last_q"
+    assert scoring_queries(config, None, BREAKS) == 16  # prompt embeddings
 
 
 def test_keep_unpruned_turns_a_request_off_and_keeps_its_other_args():

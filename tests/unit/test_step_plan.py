@@ -119,7 +119,7 @@ def test_a_pruned_prompt_in_chunks_is_held_until_its_last_chunk_scores_it_whole(
 def test_held_rows_must_be_the_computed_ones_and_the_last_chunk_must_hold_the_queries():
     with pytest.raises(RuntimeError, match="160 held"):
         plan_step([ScheduledRequest("a", 40, 120, 200, 0, 0.9, held_rows=160)], STAGES, RULE)
-    with pytest.raises(RuntimeError, match="fewer than the 16 scoring queries"):
+    with pytest.raises(RuntimeError, match="fewer than its 16 scoring queries"):
         plan_step([chunk("a", 10, 190, 200)], STAGES, RULE)
 
 

@@ -231,6 +231,7 @@ FIELDS: dict[str, tuple[str, ...]] = {
     "vllm.v1.worker.gpu_input_batch:CachedRequestState": (
         "sampling_params",
         "output_token_ids",
+        "prompt_token_ids",  # scoring_queries (queries="question")
     ),
 }
 
@@ -241,6 +242,9 @@ CONFIG_ATTRIBUTES: tuple[str, ...] = (
     "model_config.architectures",
     "model_config.max_model_len",
     "model_config.hf_text_config",
+    "model_config.tokenizer",  # question_breaks, also read from the runner's model_config
+    "model_config.tokenizer_revision",
+    "model_config.trust_remote_code",
     "cache_config.enable_prefix_caching",
     "scheduler_config.max_num_batched_tokens",
     "parallel_config.tensor_parallel_size",
@@ -290,6 +294,7 @@ REQUEST_ATTRIBUTES: tuple[str, ...] = (
     "num_output_tokens",
     "num_tokens",
     "block_hashes",
+    "prompt_token_ids",
 )
 
 

@@ -119,13 +119,14 @@ def _choose_runner_and_scheduling(engine_args: Any) -> None:
 
 
 def _check_step_budget(vllm_config: Any, config: UniPrefillConfig) -> None:
-    """A pruned prompt's last chunk holds its `last_q` scoring queries: a step must fit them."""
+    """A pruned prompt's last chunk holds its scoring queries: a step must fit them."""
     budget = vllm_config.scheduler_config.max_num_batched_tokens
-    if config.drop_layers and budget < config.last_q:
+    if config.drop_layers and budget < config.most_queries:
+        name = "max_queries" if config.queries == "question" else "last_q"
         raise ValueError(
-            f"--max-num-batched-tokens ({budget}) is below uniprefill.last_q "
-            f"({config.last_q}): a pruned prompt's last chunk must hold the queries that score "
-            "it; raise --max-num-batched-tokens or lower last_q"
+            f"--max-num-batched-tokens ({budget}) is below uniprefill.{name} "
+            f"({config.most_queries}): a pruned prompt's last chunk must hold the queries that "
+            f"score it; raise --max-num-batched-tokens or lower {name}"
         )
 
 

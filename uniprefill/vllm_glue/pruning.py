@@ -45,7 +45,7 @@ from vllm.model_executor.layers.attention import Attention
 
 from uniprefill.config import CONFIG_KEY, UniPrefillConfig
 from uniprefill.ops import select_tokens
-from uniprefill.requests import request_p
+from uniprefill.requests import question_breaks, request_p, scoring_queries
 from uniprefill.vllm_glue.coupling import (
     COMPILED_MODULE_ATTRIBUTES,
     raise_if_missing,
@@ -124,6 +124,7 @@ class Pruner:
         self.config = config
         self.rule = config.rule
         self.drops = tuple(config.drop_layers)
+        self.breaks = question_breaks(config, runner.model_config)
         self.kv_offsets: dict[str, tuple[int, ...]] = {}  # live pruned requests -> stages 1..S
         self.held: dict[str, Held] = {}  # chunked pruned prompts whose last chunk is to come
         self.recent: deque[tuple[str, list[int]]] = deque(maxlen=RECENT_PRUNES)
@@ -194,6 +195,7 @@ class Pruner:
             stage.query_start_loc.to(stage.positions.device),
             p=forward.plan.p.to(stage.positions.device),
             rule=self.rule,
+            queries=forward.plan.queries,
         )
         kept = selection.kept_indices
         if kept.numel() < rows:
@@ -262,6 +264,7 @@ class Pruner:
                     p=request_p(self.config, state.sampling_params),
                     kv_offsets=self.kv_offsets.get(req_id),
                     held_rows=self.held[req_id].num_rows if req_id in self.held else 0,
+                    queries=scoring_queries(self.config, state.prompt_token_ids, self.breaks),
                 )
             )
         return plan_step(scheduled, len(self.drops) + 1, self.rule)

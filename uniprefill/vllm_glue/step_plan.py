@@ -41,6 +41,7 @@ class ScheduledRequest:
     p: float  # top-p mass it asks for (1.0: not pruned)
     kv_offsets: tuple[int, ...] | None = None  # pruned earlier: its offset at stages 1..S
     held_rows: int = 0  # rows of its earlier chunks that the worker holds for the first drop
+    queries: int | None = None  # its last tokens that score it (None: the rule's last_q)
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,7 @@ class StepPlan:
     num_rows: torch.Tensor  # [R] int64: rows each request brings into the step
     scored: torch.Tensor  # [R] bool: a pruned prompt's last chunk, scored at every drop layer
     p: torch.Tensor  # [R] float32: each request's top-p (1.0 where it is not scored)
+    queries: torch.Tensor  # [R] int64: each request's scoring queries
     earlier_offsets: torch.Tensor  # [S + 1, R] int64: KV offsets of requests pruned earlier
     deferred: torch.Tensor  # [R] bool: a pruned prompt's earlier chunk, held at the first drop
     held_rows: torch.Tensor  # [R] int64: held rows that join a scored chunk at the first drop
@@ -104,6 +106,7 @@ def plan_step(
     num_rows = torch.tensor([r.num_rows for r in requests], dtype=torch.int64)
     scored = torch.zeros(count, dtype=torch.bool)
     p = torch.ones(count, dtype=torch.float32)
+    queries = torch.tensor([r.queries or rule.last_q for r in requests], dtype=torch.int64)
     earlier = torch.zeros(num_stages, count, dtype=torch.int64)
     deferred = torch.zeros(count, dtype=torch.bool)
     held = torch.zeros(count, dtype=torch.int64)
@@ -111,7 +114,7 @@ def plan_step(
         if request.kv_offsets is not None:
             earlier[1:, i] = torch.tensor(request.kv_offsets, dtype=torch.int64)
         elif request.num_generated == 0 and bool(
-            prunable_mask(request.prompt_len, p=request.p, rule=rule)
+            prunable_mask(request.prompt_len, p=request.p, rule=rule, queries=int(queries[i]))
         ):
             if request.held_rows != request.num_computed:
                 raise RuntimeError(
@@ -120,10 +123,10 @@ def plan_step(
                 )
             if request.num_computed + request.num_rows < request.prompt_len:
                 deferred[i] = True
-            elif request.held_rows and request.num_rows < rule.last_q:
+            elif request.held_rows and request.num_rows < queries[i]:
                 raise RuntimeError(
                     f"UniPrefill: the last chunk of request {request.req_id} has "
-                    f"{request.num_rows} tokens, fewer than the {rule.last_q} scoring queries"
+                    f"{request.num_rows} tokens, fewer than its {int(queries[i])} scoring queries"
                 )
             else:
                 scored[i] = True
@@ -136,6 +139,7 @@ def plan_step(
         num_rows=num_rows,
         scored=scored,
         p=p,
+        queries=queries,
         earlier_offsets=earlier,
         deferred=deferred,
         held_rows=held,

@@ -78,6 +78,20 @@ def _check_p(p: float | torch.Tensor, cu_seqlens: torch.Tensor) -> None:
         raise ValueError(f"every p must be in (0, 1]; got {p.tolist()}")
 
 
+def _query_counts(
+    queries: torch.Tensor | None, rule: SelectionRule, cu_seqlens: torch.Tensor
+) -> torch.Tensor:
+    """[B] int64 scoring queries per request on the inputs' device."""
+    num_reqs = cu_seqlens.numel() - 1
+    if queries is None:
+        return torch.full((num_reqs,), rule.last_q, dtype=torch.int64, device=cu_seqlens.device)
+    if queries.shape != (num_reqs,) or queries.is_floating_point():
+        raise ValueError(f"queries must be an integer tensor [B] = [{num_reqs}]; got {queries}")
+    if num_reqs and int(queries.min()) < 1:
+        raise ValueError(f"every request needs at least one scoring query; got {queries.tolist()}")
+    return queries.to(device=cu_seqlens.device, dtype=torch.int64)
+
+
 def select_tokens(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -87,6 +101,7 @@ def select_tokens(
     rule: SelectionRule,
     reduce_block_scores: Callable[[torch.Tensor], torch.Tensor] | None = None,
     backend: str = "auto",
+    queries: torch.Tensor | None = None,
 ) -> Selection:
     """Select the tokens to keep at a drop layer (docs/design/selection.md), for B requests of T
     tokens.
@@ -99,24 +114,30 @@ def select_tokens(
     reduce_block_scores: called once with the float32 [B, max_blocks] block scores of this
     rank's heads; must return their sum over the tensor-parallel group (e.g. an all-reduce), so
     every rank keeps the same tokens.
+    queries: [B] integer tensor, how many of each request's last tokens score it (and are kept);
+    default rule.last_q for every request (e.g. a request's question instead of a fixed count).
     """
     _check_p(p, cu_seqlens)
     _check_inputs(q, k, cu_seqlens)
+    queries = _query_counts(queries, rule, cu_seqlens)
     if backend == "oracle":
         return select_tokens_oracle(
-            q, k, cu_seqlens, p=p, rule=rule, reduce_block_scores=reduce_block_scores
-        )
+            q, k, cu_seqlens, p=p, rule=rule, reduce_block_scores=reduce_block_scores,
+            queries=queries,
+        )  # fmt: skip
     if backend == "auto":  # Triton on GPUs; on CPU it would run interpreted, so vectorised torch
         backend = "triton" if q.is_cuda and "triton" in BLOCK_SCORE_BACKENDS else "torch"
     if backend not in BLOCK_SCORE_BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; available: auto, {', '.join(BACKENDS)}")
-    prunable = prunable_mask(cu_seqlens.long().diff(), p=p, rule=rule)
+    prunable = prunable_mask(cu_seqlens.long().diff(), p=p, rule=rule, queries=queries)
     block_scores = BLOCK_SCORE_BACKENDS[backend](
-        q, k, cu_seqlens, prunable, block_size=rule.block_size, last_q=rule.last_q
+        q, k, cu_seqlens, prunable, block_size=rule.block_size, queries=queries
     )
     if reduce_block_scores is not None:
         block_scores = reduce_block_scores(block_scores)
-    keep = keep_from_block_scores(block_scores, cu_seqlens, prunable, p=p, rule=rule)
+    keep = keep_from_block_scores(
+        block_scores, cu_seqlens, prunable, p=p, rule=rule, queries=queries
+    )
     return selection_from_keep(keep, cu_seqlens, block_scores)
 
 

@@ -29,21 +29,33 @@ class Selection:
     block_scores: torch.Tensor
 
 
+QueryCounts = int | torch.Tensor  # scoring queries: one count, or [B] int64 per request
+
+
 def prunable_mask(
-    lens: torch.Tensor | int, *, p: float | torch.Tensor, rule: SelectionRule
+    lens: torch.Tensor | int,
+    *,
+    p: float | torch.Tensor,
+    rule: SelectionRule,
+    queries: QueryCounts | None = None,
 ) -> torch.Tensor | bool:
     """[B] bool: a request is pruned only if something can go (decode rows never can).
 
-    p: one value for all requests, or [B] float32 per request. Plain ints and floats in give a
-    plain bool (how the engine core decides before any tensor exists).
+    p: one value for all requests, or [B] float32 per request. queries: each request's scoring
+    queries (default rule.last_q). Plain numbers in give a plain bool (how the engine core
+    decides before any tensor exists).
     """
-    return (lens > rule.sink + rule.last_q) & (lens >= rule.min_prompt_len) & (p < 1.0)
+    queries = rule.last_q if queries is None else queries
+    return (lens > rule.sink + queries) & (lens >= rule.min_prompt_len) & (p < 1.0)
 
 
-def forced_blocks(block: torch.Tensor, lens: torch.Tensor, rule: SelectionRule) -> torch.Tensor:
-    """[B, len(block)] bool: block lies entirely in the sink or in the last queries."""
+def forced_blocks(
+    block: torch.Tensor, lens: torch.Tensor, rule: SelectionRule, queries: QueryCounts | None = None
+) -> torch.Tensor:
+    """[B, len(block)] bool: block lies entirely in the sink or in the scoring queries."""
+    queries = rule.last_q if queries is None else queries
     in_sink = (block + 1) * rule.block_size <= rule.sink
-    in_tail = block * rule.block_size >= (lens - rule.last_q)[:, None]
+    in_tail = block * rule.block_size >= (lens - queries)[:, None]
     return in_sink[None, :] | in_tail
 
 
@@ -69,19 +81,21 @@ def keep_from_block_scores(
     *,
     p: float | torch.Tensor,
     rule: SelectionRule,
+    queries: QueryCounts | None = None,
 ) -> torch.Tensor:
     """Top-p over each request's blocks, then forced tokens. Returns keep: [T] bool.
 
     block_scores: [B, max_blocks] float32, zero past each request's last block.
-    p: one value, or [B] float32 per request.
+    p: one value, or [B] float32 per request. queries: as in prunable_mask.
     """
     cu = cu_seqlens.long()
     lens = cu.diff()
+    queries = rule.last_q if queries is None else queries
     num_blocks = (lens + rule.block_size - 1) // rule.block_size
     block = torch.arange(block_scores.shape[1], device=cu.device)
     real_block = block < num_blocks[:, None]
     if rule.normalize_over == "unforced_blocks":
-        block_scores = block_scores.masked_fill(forced_blocks(block, lens, rule), 0.0)
+        block_scores = block_scores.masked_fill(forced_blocks(block, lens, rule, queries), 0.0)
     mass = block_scores / block_scores.sum(dim=1, keepdim=True).clamp_min(1e-30)
     # Stable descending sort: equal scores keep block order, so ties go to the earlier block.
     sorted_mass, order = torch.sort(mass, dim=1, descending=True, stable=True)
@@ -92,5 +106,6 @@ def keep_from_block_scores(
     tokens = torch.arange(int(cu[-1]), device=cu.device)
     request = torch.searchsorted(cu[1:], tokens, right=True)
     pos = tokens - cu[request]
-    forced = (pos < rule.sink) | (pos >= lens[request] - rule.last_q) | ~prunable[request]
+    tail = queries[request] if isinstance(queries, torch.Tensor) else queries
+    forced = (pos < rule.sink) | (pos >= lens[request] - tail) | ~prunable[request]
     return forced | block_keep[request, pos // rule.block_size]

@@ -60,17 +60,21 @@ def select_tokens_oracle(
     p: float | torch.Tensor,
     rule: SelectionRule,
     reduce_block_scores: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    queries: torch.Tensor | None = None,
 ) -> Selection:
-    """p: one value, or [B] float32 per request."""
-    block_size, sink, last_q = rule.block_size, rule.sink, rule.last_q
+    """p: one value, or [B] float32 per request; queries: [B] scoring queries per request
+    (default rule.last_q for all)."""
+    block_size, sink = rule.block_size, rule.sink
     bounds = cu_seqlens.tolist()
     spans = list(zip(bounds[:-1], bounds[1:], strict=True))
+    counts = [rule.last_q] * len(spans) if queries is None else queries.tolist()
     max_blocks = max((math.ceil((e - s) / block_size) for s, e in spans), default=0)
     block_scores = torch.zeros(len(spans), max_blocks)
-    prunable = prunable_mask(cu_seqlens.long().diff(), p=p, rule=rule).tolist()
+    lens = cu_seqlens.long().diff()
+    prunable = prunable_mask(lens, p=p, rule=rule, queries=torch.tensor(counts)).tolist()
     pruned = []
     for r, (start, end) in enumerate(spans):
-        n = end - start
+        n, last_q = end - start, counts[r]
         if prunable[r]:
             scores = token_scores_oracle(q[end - last_q : end], k[start:end])
             for b in range(math.ceil(n / block_size)):
@@ -82,7 +86,7 @@ def select_tokens_oracle(
     keep = torch.ones(q.shape[0], dtype=torch.bool)
     for r in pruned:
         start, end = spans[r]
-        n = end - start
+        n, last_q = end - start, counts[r]
         scores = block_scores[r, : math.ceil(n / block_size)].clone()
         if rule.normalize_over == "unforced_blocks":  # blocks wholly inside sink or tail drop out
             for b in range(len(scores)):

@@ -30,9 +30,13 @@ def block_scores_torch(
     prunable: torch.Tensor,
     *,
     block_size: int,
-    last_q: int,
+    queries: torch.Tensor,
 ) -> torch.Tensor:
-    """[B, max_blocks] float32 block scores; rows of requests that are not prunable are zero."""
+    """[B, max_blocks] float32 block scores; rows of requests that are not prunable are zero.
+
+    queries: [B] int64, each request's scoring queries (its last ones). Every request gets the
+    largest count's rows; the extra leading rows of requests with fewer count for nothing.
+    """
     cu = cu_seqlens.long()
     lens = cu.diff()
     num_reqs, (num_q_heads, head_dim), num_kv_heads = lens.numel(), q.shape[1:], k.shape[1]
@@ -43,13 +47,19 @@ def block_scores_torch(
     if chosen.numel() == 0:
         return out
     reqs, starts, n = chosen.numel(), cu[chosen], lens[chosen]
+    last_q = int(queries[chosen].max())
+    # [R, 1, group * last_q]: 1 for a request's own scoring queries, 0 for padding rows
+    own = torch.arange(last_q, device=q.device) >= (last_q - queries[chosen])[:, None]
+    own = own.repeat(1, group)[:, None, :].float()
     width = int(n.max())
     # Queries as [R * Hk, group * last_q, d], scaled; row j is query j % last_q of its group.
-    rows = (starts + n - last_q)[:, None] + torch.arange(last_q, device=q.device)
+    # Padding rows of a short request may lie before its start: clamped to its first token.
+    query_at = (n[:, None] - last_q + torch.arange(last_q, device=q.device)).clamp_min(0)
+    rows = starts[:, None] + query_at
     q_last = q[rows].float().view(reqs, last_q, num_kv_heads, group, head_dim)
     q_last = (q_last * (1.0 / math.sqrt(head_dim))).permute(0, 2, 3, 1, 4)
     q_last = q_last.reshape(reqs * num_kv_heads, group * last_q, head_dim)
-    query_pos = (n[:, None] - last_q + torch.arange(last_q, device=q.device)).repeat(1, group)
+    query_pos = query_at.repeat(1, group)
     chunk = max(block_size, TILE_ELEMENTS // (reqs * num_q_heads * last_q))
     chunk = chunk // block_size * block_size
     key_pos = torch.arange(width, device=q.device)
@@ -75,7 +85,7 @@ def block_scores_torch(
     final_max = maxes.amax(dim=0)
     rescale = torch.exp(maxes - final_max)
     total = (torch.stack(chunk_sum) * rescale).sum(dim=0)
-    scale = rescale / total  # turns each chunk's block sums into probabilities
+    scale = rescale / total * own  # each chunk's block sums into probabilities
     blocks = torch.cat(
         [(sums * scale[i, ..., None]).sum(dim=(1, 2)) for i, sums in enumerate(block_sums)], dim=1
     )  # [R, ceil(width / block_size)]

@@ -20,7 +20,7 @@ import triton.language as tl
 
 @triton.jit
 def _softmax_stats_kernel(
-    q_ptr, k_ptr, starts_ptr, lens_ptr, max_ptr, sum_ptr,
+    q_ptr, k_ptr, starts_ptr, lens_ptr, queries_ptr, max_ptr, sum_ptr,
     stride_qt, stride_qh, stride_kt, stride_kh, scale,
     NUM_Q_HEADS: tl.constexpr, GROUP: tl.constexpr, LAST_Q: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -28,11 +28,14 @@ def _softmax_stats_kernel(
     r, h, tile = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     start, n = tl.load(starts_ptr + r), tl.load(lens_ptr + r)
     qi = tile * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    q_pos = n - LAST_Q + qi
+    # rows of LAST_Q below this request's own count pad it: clamped to its tokens, and
+    # left out of the block scores
+    q_pos = tl.maximum(n - LAST_Q + qi, 0)
+    own = (qi < LAST_Q) & (qi >= LAST_Q - tl.load(queries_ptr + r))
     d = tl.arange(0, BLOCK_D)
     q = tl.load(
         q_ptr + (start + q_pos)[:, None] * stride_qt + h * stride_qh + d[None, :],
-        mask=(qi < LAST_Q)[:, None] & (d < HEAD_DIM)[None, :],
+        mask=own[:, None] & (d < HEAD_DIM)[None, :],
         other=0.0,
     ).to(tl.float32)
     row_max = tl.full([BLOCK_Q], float("-inf"), tl.float32)
@@ -56,7 +59,7 @@ def _softmax_stats_kernel(
 
 @triton.jit
 def _block_scores_kernel(
-    q_ptr, k_ptr, starts_ptr, lens_ptr, rows_ptr, max_ptr, sum_ptr, out_ptr,
+    q_ptr, k_ptr, starts_ptr, lens_ptr, queries_ptr, rows_ptr, max_ptr, sum_ptr, out_ptr,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_out, scale,
     NUM_Q_HEADS: tl.constexpr, GROUP: tl.constexpr, LAST_Q: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr,
@@ -64,6 +67,7 @@ def _block_scores_kernel(
 ):  # fmt: skip
     r, b = tl.program_id(0), tl.program_id(1)
     start, n = tl.load(starts_ptr + r), tl.load(lens_ptr + r)
+    first_own = LAST_Q - tl.load(queries_ptr + r)
     d = tl.arange(0, BLOCK_D)
     k_pos = b * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
     acc = tl.zeros([BLOCK_SIZE], tl.float32)
@@ -75,18 +79,19 @@ def _block_scores_kernel(
         ).to(tl.float32)
         for q_lo in range(0, LAST_Q, BLOCK_Q):
             qi = q_lo + tl.arange(0, BLOCK_Q)
-            q_pos = n - LAST_Q + qi
+            q_pos = tl.maximum(n - LAST_Q + qi, 0)
+            own = (qi < LAST_Q) & (qi >= first_own)
             q = tl.load(
                 q_ptr + (start + q_pos)[:, None] * stride_qt + h * stride_qh + d[None, :],
-                mask=(qi < LAST_Q)[:, None] & (d < HEAD_DIM)[None, :],
+                mask=own[:, None] & (d < HEAD_DIM)[None, :],
                 other=0.0,
             ).to(tl.float32)
             stats = (r * NUM_Q_HEADS + h) * LAST_Q + qi
-            row_max = tl.load(max_ptr + stats, mask=qi < LAST_Q, other=0.0)
-            row_sum = tl.load(sum_ptr + stats, mask=qi < LAST_Q, other=1.0)
+            row_max = tl.load(max_ptr + stats, mask=own, other=0.0)
+            row_sum = tl.load(sum_ptr + stats, mask=own, other=1.0)
             logits = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
             probs = tl.exp(logits - row_max[:, None]) / row_sum[:, None]
-            visible = (k_pos[None, :] <= q_pos[:, None]) & (qi < LAST_Q)[:, None]
+            visible = (k_pos[None, :] <= q_pos[:, None]) & own[:, None]
             acc += tl.sum(tl.where(visible, probs, 0.0), 0)
     tl.store(out_ptr + tl.load(rows_ptr + r) * stride_out + b, tl.sum(acc, 0))
 
@@ -103,9 +108,11 @@ def block_scores_triton(
     prunable: torch.Tensor,
     *,
     block_size: int,
-    last_q: int,
+    queries: torch.Tensor,
 ) -> torch.Tensor:
-    """[B, max_blocks] float32 block scores; rows of requests that are not prunable are zero."""
+    """[B, max_blocks] float32 block scores; rows of requests that are not prunable are zero.
+
+    queries: [B] int64, each request's scoring queries (its last ones)."""
     if q.device.type == "cpu" and not interpreting():
         raise ValueError(
             "the triton backend runs CPU tensors only under TRITON_INTERPRET=1 (set before "
@@ -123,6 +130,8 @@ def block_scores_triton(
     if rows.numel() == 0:
         return out
     starts, n = cu[rows].contiguous(), lens[rows].contiguous()
+    counts = queries[rows].contiguous()
+    last_q = int(counts.max())
     row_max = torch.empty(rows.numel(), num_q_heads, last_q, dtype=torch.float32, device=q.device)
     row_sum = torch.empty_like(row_max)
     block_q = min(64, max(16, triton.next_power_of_2(last_q)))
@@ -138,10 +147,10 @@ def block_scores_triton(
     scale = 1.0 / math.sqrt(head_dim)
     stats_grid = (rows.numel(), num_q_heads, triton.cdiv(last_q, block_q))
     _softmax_stats_kernel[stats_grid](
-        q, k, starts, n, row_max, row_sum, *strides, scale, **shape, BLOCK_N=64
+        q, k, starts, n, counts, row_max, row_sum, *strides, scale, **shape, BLOCK_N=64
     )
     _block_scores_kernel[(rows.numel(), max_blocks)](
-        q, k, starts, n, rows, row_max, row_sum, out, *strides, out.stride(0), scale,
+        q, k, starts, n, counts, rows, row_max, row_sum, out, *strides, out.stride(0), scale,
         **shape, BLOCK_SIZE=block_size,
     )  # fmt: skip
     return out
