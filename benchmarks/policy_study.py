@@ -301,11 +301,23 @@ def report(rows: list[dict]) -> dict:
                     round(statistics.mean(k)) for k in zip(*(r["kept"] for r in runs), strict=True)
                 ],
             }
-            finals = [r["finalists"][spec] for r in valid if spec in r.get("finalists", {})]
-            if finals:
-                wrong = sum(not f["right"] for f in finals)
-                entry.update(answered=len(finals), answer_lost=wrong, answer_lost_ci95=wilson(
-                    wrong, len(finals)))  # fmt: skip
+            pairs = [(r["policies"][spec], r["finalists"][spec]) for r in valid
+                     if spec in r.get("finalists", {})]  # fmt: skip
+            if pairs:
+                wrong = sum(not real["right"] for _, real in pairs)
+                entry.update(
+                    answered=len(pairs),
+                    answer_lost=wrong,
+                    answer_lost_ci95=wilson(wrong, len(pairs)),
+                    # the pruned run's own evidence survival, and how often the sweep said so
+                    evidence_lost_pruned=sum(not real["survives"][-1] for _, real in pairs),
+                    sweep_agrees=sum(
+                        swept["survives"][-1] == real["survives"][-1] for swept, real in pairs
+                    ),
+                    lost_with_evidence=sum(
+                        not real["right"] and real["survives"][-1] for _, real in pairs
+                    ),
+                )
             table.append(entry)
         out[length] = {
             "drawn": len(drawn),
@@ -332,12 +344,18 @@ def print_report(summary: dict) -> None:
         print(f"\n{length} tokens: {s['drawn']} drawn, {s['closed_book_right']} right "
               f"closed-book, {s['unpruned_wrong']} wrong unpruned, {s['valid']} valid "
               f"{s['by_task']}")  # fmt: skip
-        print("policy | evidence lost (95% CI) | ideal | kept per stage | answers lost")
-        for e in pareto(s["policies"]) + [x for x in s["policies"] if "answered" in x]:
+        print("policy | evidence lost (95% CI) | ideal | kept per stage")
+        for e in pareto(s["policies"]):
             lo, hi = e["lost_ci95"]
-            ans = f"{e['answer_lost']}/{e['answered']}" if "answered" in e else "-"
             print(f"{e['policy']} | {e['evidence_lost']}/{e['prompts']} ({lo:.3f}-{hi:.3f}) | "
-                  f"{e['ideal']:.2f} | {e['kept']} | {ans}")  # fmt: skip
+                  f"{e['ideal']:.2f} | {e['kept']}")  # fmt: skip
+        print("finalist | answers lost (95% CI) | lost with evidence kept | evidence lost "
+              "(pruned run) | sweep agrees | ideal")  # fmt: skip
+        for e in (x for x in s["policies"] if "answered" in x):
+            lo, hi = e["answer_lost_ci95"]
+            print(f"{e['policy']} | {e['answer_lost']}/{e['answered']} ({lo:.3f}-{hi:.3f}) | "
+                  f"{e['lost_with_evidence']} | {e['evidence_lost_pruned']} | "
+                  f"{e['sweep_agrees']}/{e['answered']} | {e['ideal']:.2f}")  # fmt: skip
 
 
 def plot(summary: dict, path: str) -> None:
@@ -355,8 +373,12 @@ def plot(summary: dict, path: str) -> None:
         label = f"{length} tokens ({s['valid']} prompts)"
         ax.step([e["ideal"] for e in front], [e["evidence_lost"] / e["prompts"] for e in front],
                 where="post", color=dots.get_color(), label=label)  # fmt: skip
+        finals = [e for e in s["policies"] if "answered" in e]
+        ax.plot([e["ideal"] for e in finals], [e["answer_lost"] / e["answered"] for e in finals],
+                "x", color=dots.get_color(), markersize=9,
+                label=f"{length} tokens: answers lost, finalists run pruned")  # fmt: skip
     ax.set_xlabel("token-layer ideal speedup")
-    ax.set_ylabel("prompts whose evidence is pruned (share)")
+    ax.set_ylabel("share of prompts (evidence pruned; x: answer lost)")
     ax.set_title("Selection policies on real text (Qwen2.5-Coder-0.5B)")
     ax.legend()
     fig.tight_layout()

@@ -35,6 +35,9 @@ def test_defaults_follow_the_paper_rule():
         ({"cached_share": 1.2}, r"cached_share must be a number in \(0, 1\], got 1.2"),
         ({"cached_share": True}, "cached_share must be a number"),
         ({"repeated_prefix": "reuse"}, r"repeated_prefix must be one of \['fill', 'prune'\]"),
+        ({"queries": "last"}, r"^uniprefill\.queries must be one of \['last_q', 'question'\]"),
+        ({"max_queries": 8}, r"max_queries must be an integer of at least last_q \(16\), got 8"),
+        ({"max_queries": "many"}, "max_queries must be an integer"),
         (
             {"top_p": 0.9},
             r"unknown uniprefill setting\(s\) \['top_p'\]; valid settings: preset, enabled",
