@@ -259,6 +259,7 @@ def run_finalist(model, tokenizer, row: dict, spec: str) -> dict:
         "right": sample.correct(reply_of(tokenizer, result)),
         "survives": [bool(torch.isin(needed, s).all()) for s in result.kept_positions],
         "kept": result.kept_per_stage,
+        "ideal": len(result.layer_tokens) * len(ids) / sum(result.layer_tokens),
         "reply": reply_of(tokenizer, result),
     }
 
@@ -319,6 +320,19 @@ def report(rows: list[dict]) -> dict:
                     ),
                 )
             table.append(entry)
+        swept, unswept = set(valid[0]["policies"]), []
+        for spec in sorted({f for r in valid for f in r.get("finalists", {})} - swept):
+            finals = [r["finalists"][spec] for r in valid if spec in r.get("finalists", {})]
+            wrong = sum(not f["right"] for f in finals)
+            unswept.append({  # not in the sweep: answers and the pruned runs' own figures only
+                "policy": spec,
+                "answered": len(finals),
+                "answer_lost": wrong,
+                "answer_lost_ci95": wilson(wrong, len(finals)),
+                "evidence_lost_pruned": sum(not f["survives"][-1] for f in finals),
+                "lost_with_evidence": sum(not f["right"] and f["survives"][-1] for f in finals),
+                "ideal": statistics.mean(f["ideal"] for f in finals),
+            })  # fmt: skip
         out[length] = {
             "drawn": len(drawn),
             "closed_book_right": sum(r["closed_book_right"] for r in drawn),
@@ -326,6 +340,7 @@ def report(rows: list[dict]) -> dict:
             "valid": len(valid),
             "by_task": {t: sum(r["task"] == t for r in valid) for t in TASKS},
             "policies": sorted(table, key=lambda e: (e["evidence_lost"], -e["ideal"])),
+            "unswept_finalists": unswept,
         }
     return out
 
@@ -351,11 +366,12 @@ def print_report(summary: dict) -> None:
                   f"{e['ideal']:.2f} | {e['kept']}")  # fmt: skip
         print("finalist | answers lost (95% CI) | lost with evidence kept | evidence lost "
               "(pruned run) | sweep agrees | ideal")  # fmt: skip
-        for e in (x for x in s["policies"] if "answered" in x):
+        for e in [x for x in s["policies"] if "answered" in x] + s["unswept_finalists"]:
             lo, hi = e["answer_lost_ci95"]
+            agrees = f"{e['sweep_agrees']}/{e['answered']}" if "sweep_agrees" in e else "-"
             print(f"{e['policy']} | {e['answer_lost']}/{e['answered']} ({lo:.3f}-{hi:.3f}) | "
-                  f"{e['lost_with_evidence']} | {e['evidence_lost_pruned']} | "
-                  f"{e['sweep_agrees']}/{e['answered']} | {e['ideal']:.2f}")  # fmt: skip
+                  f"{e['lost_with_evidence']} | {e['evidence_lost_pruned']} | {agrees} | "
+                  f"{e['ideal']:.2f}")  # fmt: skip
 
 
 def plot(summary: dict, path: str) -> None:
@@ -373,7 +389,7 @@ def plot(summary: dict, path: str) -> None:
         label = f"{length} tokens ({s['valid']} prompts)"
         ax.step([e["ideal"] for e in front], [e["evidence_lost"] / e["prompts"] for e in front],
                 where="post", color=dots.get_color(), label=label)  # fmt: skip
-        finals = [e for e in s["policies"] if "answered" in e]
+        finals = [e for e in s["policies"] if "answered" in e] + s["unswept_finalists"]
         ax.plot([e["ideal"] for e in finals], [e["answer_lost"] / e["answered"] for e in finals],
                 "x", color=dots.get_color(), markersize=9,
                 label=f"{length} tokens: answers lost, finalists run pruned")  # fmt: skip
