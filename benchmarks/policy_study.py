@@ -37,6 +37,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from uniprefill import models
 from uniprefill.config import UniPrefillConfig
 from uniprefill.ops.select.common import keep_from_block_scores
+from uniprefill.ops.select.oracle import token_scores_oracle
 from uniprefill.ops.select.rule import SelectionRule
 from uniprefill.reference import generate
 from uniprefill.requests import ParagraphBreaks, paragraph_breaks, scoring_queries
@@ -114,18 +115,6 @@ def default_grid() -> list[str]:
     return grid
 
 
-def token_scores(q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor, kept: torch.Tensor):
-    """[len(kept)] float32: attention of the query rows over the kept keys, summed over heads and
-    rows. q: [1, Hq, Qtail, d] (the prompt's last Qtail queries), k: [1, Hk, n, d]."""
-    n, tail = k.shape[2], q.shape[2]
-    group = q.shape[1] // k.shape[1]
-    queries = q[0, :, rows - (n - tail)].float() / math.sqrt(q.shape[-1])  # [Hq, R, d]
-    keys = k[0, :, kept].float().repeat_interleave(group, dim=0)  # [Hq, m, d]
-    logits = queries @ keys.transpose(1, 2)
-    logits.masked_fill_(kept[None, None, :] > rows[None, :, None], -math.inf)
-    return torch.softmax(logits, dim=-1).sum(dim=(0, 1))
-
-
 def sweep(policy: Policy, captures, n: int, question: int, depth: int) -> dict:
     """One policy on one prompt's captures (`question`: its question's tokens, as the engine's
     `queries: "question"` counts them): kept positions per stage and the ideal."""
@@ -136,8 +125,8 @@ def sweep(policy: Policy, captures, n: int, question: int, depth: int) -> dict:
     summed = torch.zeros(n)
     stages = []
     for i, layer in enumerate(policy.drops):
-        q, k = captures[layer]
-        scores = token_scores(q, k, rows, kept)
+        q, k = captures[layer]  # [1, H, n, d]; the scoring rows are kept, at the end
+        scores = token_scores_oracle(q[0, :, rows].transpose(0, 1), k[0, :, kept].transpose(0, 1))
         if policy.accumulate:
             summed[kept] += scores
             scores = summed[kept]

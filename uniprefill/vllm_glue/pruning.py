@@ -254,6 +254,8 @@ class Pruner:
         scheduled = []
         for i, req_id in enumerate(batch.req_ids[:num_reqs]):
             state = runner.requests[req_id]
+            # Only a fresh prompt may be scored: decodes and pruned prompts skip the count.
+            fresh = not state.output_token_ids and req_id not in self.kv_offsets
             scheduled.append(
                 ScheduledRequest(
                     req_id=req_id,
@@ -264,7 +266,9 @@ class Pruner:
                     p=request_p(self.config, state.sampling_params),
                     kv_offsets=self.kv_offsets.get(req_id),
                     held_rows=self.held[req_id].num_rows if req_id in self.held else 0,
-                    queries=scoring_queries(self.config, state.prompt_token_ids, self.breaks),
+                    queries=scoring_queries(self.config, state.prompt_token_ids, self.breaks)
+                    if fresh
+                    else None,
                 )
             )
         return plan_step(scheduled, len(self.drops) + 1, self.rule)

@@ -122,8 +122,8 @@ def select_tokens(
     queries = _query_counts(queries, rule, cu_seqlens)
     if backend == "oracle":
         return select_tokens_oracle(
-            q, k, cu_seqlens, p=p, rule=rule, reduce_block_scores=reduce_block_scores,
-            queries=queries,
+            q, k, cu_seqlens, p=p, rule=rule, queries=queries,
+            reduce_block_scores=reduce_block_scores,
         )  # fmt: skip
     if backend == "auto":  # Triton on GPUs; on CPU it would run interpreted, so vectorised torch
         backend = "triton" if q.is_cuda and "triton" in BLOCK_SCORE_BACKENDS else "torch"

@@ -59,19 +59,18 @@ def select_tokens_oracle(
     *,
     p: float | torch.Tensor,
     rule: SelectionRule,
+    queries: torch.Tensor,
     reduce_block_scores: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    queries: torch.Tensor | None = None,
 ) -> Selection:
-    """p: one value, or [B] float32 per request; queries: [B] scoring queries per request
-    (default rule.last_q for all)."""
+    """p: one value, or [B] float32 per request; queries: [B] scoring queries per request."""
     block_size, sink = rule.block_size, rule.sink
     bounds = cu_seqlens.tolist()
     spans = list(zip(bounds[:-1], bounds[1:], strict=True))
-    counts = [rule.last_q] * len(spans) if queries is None else queries.tolist()
+    counts = queries.tolist()
     max_blocks = max((math.ceil((e - s) / block_size) for s, e in spans), default=0)
     block_scores = torch.zeros(len(spans), max_blocks)
     lens = cu_seqlens.long().diff()
-    prunable = prunable_mask(lens, p=p, rule=rule, queries=torch.tensor(counts)).tolist()
+    prunable = prunable_mask(lens, p=p, rule=rule, queries=queries).tolist()
     pruned = []
     for r, (start, end) in enumerate(spans):
         n, last_q = end - start, counts[r]
