@@ -35,6 +35,7 @@ from realtext_tasks import TASKS, locate, prompt_ids, sample_of_length
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from uniprefill import models
+from uniprefill.accounting import token_layers
 from uniprefill.config import UniPrefillConfig
 from uniprefill.ops.select.common import keep_from_block_scores
 from uniprefill.ops.select.oracle import token_scores_oracle
@@ -145,13 +146,10 @@ def sweep(policy: Policy, captures, n: int, question: int, depth: int) -> dict:
         stages.append(kept)
     sizes = [n] + [s.numel() for s in stages]
     if policy.recompute:
-        token_layers = (policy.drops[0] + 1) * n + depth * sizes[1]
+        ran = (policy.drops[0] + 1) * n + depth * sizes[1]
     else:
-        bounds = [*(d + 1 for d in policy.drops), depth]
-        token_layers = bounds[0] * n + sum(
-            (hi - lo) * size for lo, hi, size in zip(bounds, bounds[1:], sizes[1:], strict=False)
-        )
-    return {"stages": stages, "kept": sizes, "ideal": depth * n / token_layers}
+        ran = token_layers(sizes, policy.drops, depth)
+    return {"stages": stages, "kept": sizes, "ideal": depth * n / ran}
 
 
 def _cap(keep: torch.Tensor, block_scores, budget: int, rule: SelectionRule, m: int):

@@ -85,6 +85,7 @@ from machine import machine
 from ruler_tasks import DID, WHAT, WHEN, WHO, make_sample, prose
 
 from uniprefill import models, serve
+from uniprefill.accounting import token_layers
 from uniprefill.config import UniPrefillConfig
 
 ENGINES = ("baseline", "uniprefill")
@@ -256,12 +257,6 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def token_layers(kept: list[int], drops: list[int], depth: int) -> int:
-    """Tokens x layers of one prefill: stage s runs kept[s] tokens through its layers."""
-    bounds = [-1, *drops, depth - 1]
-    return sum(k * (hi - lo) for k, lo, hi in zip(kept, bounds[:-1], bounds[1:], strict=True))
-
-
 def effective(config: Any) -> dict[str, Any]:
     """EFFECTIVE's settings of a VllmConfig, or of its JSON form (from /server_info)."""
     from vllm.config import CompilationMode
@@ -300,8 +295,8 @@ class Engine(ABC):
         """The EFFECTIVE settings this engine runs with."""
 
     @abstractmethod
-    def recent_prunes(self) -> list[tuple[str, list[int]]]:
-        """The worker's (request id, keep counts) of its most recent pruned prefills."""
+    def recent_prunes(self) -> list[dict]:
+        """The worker's most recent pruned prefills (uniprefill.accounting.pruned_prompt)."""
 
     @abstractmethod
     def close(self) -> None: ...
@@ -309,8 +304,8 @@ class Engine(ABC):
     def new_kept_counts(self) -> list[list[int]]:
         """Keep counts of the prefills pruned since the last call."""
         recent = self.recent_prunes()
-        new = [kept for req_id, kept in recent if req_id not in self.seen]
-        self.seen.update(req_id for req_id, _ in recent)
+        new = [r["kept"] for r in recent if r["req_id"] not in self.seen]
+        self.seen.update(r["req_id"] for r in recent)
         return new
 
 
@@ -361,7 +356,7 @@ class OfflineEngine(Engine):
     def config(self) -> dict[str, Any]:
         return effective(self.llm.llm_engine.vllm_config)
 
-    def recent_prunes(self) -> list[tuple[str, list[int]]]:
+    def recent_prunes(self) -> list[dict]:
         (state,) = self.llm.collective_rpc("uniprefill_requests")
         return state["recent"]
 
@@ -435,7 +430,7 @@ class ServedEngine(Engine):
         info = self.httpx.get(f"{self.url}/server_info", params=query, timeout=300)
         return effective(info.json()["vllm_config"])
 
-    def recent_prunes(self) -> list[tuple[str, list[int]]]:
+    def recent_prunes(self) -> list[dict]:
         url = f"{self.url}/collective_rpc"
         reply = self.httpx.post(url, json={"method": "uniprefill_requests"}, timeout=60)
         (state,) = reply.json()["results"]

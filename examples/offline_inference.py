@@ -36,8 +36,9 @@ if __name__ == "__main__":  # vLLM starts processes
         for output in llm.chat(conversations, params):
             print(f"--- {len(output.prompt_token_ids)} prompt tokens\n{output.outputs[0].text}")
         (worker,) = llm.collective_rpc("uniprefill_requests")
-        for request_id, kept in worker["recent"]:
-            print(f"pruned {request_id}: tokens entering each stage {kept}")
+        for pruned in worker["recent"]:
+            print(f"pruned {pruned['req_id']}: tokens entering each stage {pruned['kept']}, "
+                  f"token-layer ideal {pruned['ideal']}x")  # fmt: skip
 
         unpruned = SamplingParams(
             temperature=0, max_tokens=64, extra_args={"uniprefill_enabled": False}

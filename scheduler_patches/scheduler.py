@@ -38,6 +38,7 @@ from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.core.single_type_kv_cache_manager import SlidingWindowManager
 from vllm.v1.request import Request
 
+from uniprefill.accounting import describe
 from uniprefill.config import CONFIG_KEY, UniPrefillConfig
 from uniprefill.requests import (
     keep_unpruned,
@@ -52,6 +53,7 @@ from uniprefill.vllm_glue.coupling import (
     raise_if_missing,
 )
 from uniprefill.vllm_glue.log import get_logger
+from uniprefill.vllm_glue.metrics import REPORT_ATTRIBUTE, STATS_FIELD
 from uniprefill.vllm_glue.patches import applied_patches
 
 logger = get_logger(__name__)
@@ -66,6 +68,8 @@ class UniPrefillScheduler(Scheduler):
         self.pruned_req_ids: set[str] = set()  # pruned: no prefix cache
         self.held_tokens: dict[str, int] = {}  # pruned prompts in chunks -> prompt tokens
         self.breaks = question_breaks(self.uniprefill, vllm_config.model_config)
+        # The workers' reports (pruned prompts, selection times) since the last stats.
+        self.unreported: dict[str, list] = {"prompts": [], "selection_s": []}
         # Block hashes of recently pruned prompts, oldest first (they never enter the cache);
         # kept only where a repeat of one is filled into the cache.
         self.recently_pruned: OrderedDict[str, frozenset[Any]] = OrderedDict()
@@ -198,6 +202,26 @@ class UniPrefillScheduler(Scheduler):
         self.pruned_req_ids.discard(request.request_id)
         self.recently_pruned.pop(request.request_id, None)
         return False
+
+    def update_from_output(self, scheduler_output: Any, model_runner_output: Any) -> Any:
+        """Logs each pruned prompt the workers report (one line per request) and keeps the
+        report for the next stats (with stats on)."""
+        report = getattr(model_runner_output, REPORT_ATTRIBUTE, None)
+        if report is not None:
+            for record in report["prompts"]:
+                logger.info("UniPrefill pruned %s", describe(record, self.uniprefill.drop_layers))
+            if self.log_stats:
+                for key, values in report.items():
+                    self.unreported[key].extend(values)
+        return super().update_from_output(scheduler_output, model_runner_output)
+
+    def make_stats(self, *args: Any, **kwargs: Any) -> Any:
+        """vLLM's stats, with what pruning did since the last ones in their UniPrefill field."""
+        stats = super().make_stats(*args, **kwargs)
+        if stats is not None and any(self.unreported.values()):
+            setattr(stats, STATS_FIELD, self.unreported)
+            self.unreported = {"prompts": [], "selection_s": []}
+        return stats
 
     def _free_request(self, request: Request, *args: Any, **kwargs: Any) -> Any:
         self.pruned_req_ids.discard(request.request_id)

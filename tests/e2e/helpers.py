@@ -109,16 +109,22 @@ def pruning_state(worker: dict) -> tuple[dict, dict]:
     caller gave them (the engine appends a random suffix to each)."""
     return (
         {k.rsplit("-", 1)[0]: v for k, v in worker["live"].items()},
-        {k.rsplit("-", 1)[0]: v for k, v in worker["recent"]},
+        {r["req_id"].rsplit("-", 1)[0]: r["kept"] for r in worker["recent"]},
     )
 
 
-def served_pruning_state(port: int) -> tuple[dict, list]:
-    """(live, recent keep counts) of a server's one worker, over vLLM's dev-mode /collective_rpc
-    (the server must run with VLLM_SERVER_DEV_MODE=1)."""
+def worker_rpc(port: int, method: str) -> dict:
+    """A server's one worker's answer to `method` (uniprefill_requests, uniprefill_status), over
+    vLLM's dev-mode /collective_rpc (the server must run with VLLM_SERVER_DEV_MODE=1)."""
     url = f"http://127.0.0.1:{port}/collective_rpc"
-    (worker,) = httpx.post(url, json={"method": "uniprefill_requests"}).json()["results"]
-    return worker["live"], [kept for _, kept in worker["recent"]]
+    (worker,) = httpx.post(url, json={"method": method}).json()["results"]
+    return worker
+
+
+def served_pruning_state(port: int) -> tuple[dict, list]:
+    """(live, recent keep counts) of a server's one worker."""
+    worker = worker_rpc(port, "uniprefill_requests")
+    return worker["live"], [r["kept"] for r in worker["recent"]]
 
 
 # vLLM prefixes every line a child process logs with "(EngineCore pid=N)", "(VllmWorker-0 pid=N)".
@@ -203,3 +209,61 @@ def running_server(
         yield proc
     finally:
         serve.stop(proc)
+
+
+# ---- UniPrefill's metrics (uniprefill/vllm_glue/metrics.py) -----------------------------------
+
+PREFIX = "vllm:uniprefill_"
+
+
+def metric_totals(samples: Iterator[tuple[str, dict, float]]) -> dict[str, float]:
+    """UniPrefill's counters and histogram counts from (name, labels, value) samples, summed over
+    engines: "pruned_requests", "kept_tokens@6" (by drop layer), "kept_share_count", ..."""
+    totals: dict[str, float] = {}
+    for name, labels, value in samples:
+        if not name.startswith(PREFIX) or name.endswith(("_bucket", "_sum", "_created")):
+            continue
+        key = name.removeprefix(PREFIX).removesuffix("_total")
+        if "drop_layer" in labels:
+            key += f"@{labels['drop_layer']}"
+        totals[key] = totals.get(key, 0) + value
+    return totals
+
+
+def offline_metrics(llm) -> dict[str, float]:
+    """metric_totals of `LLM.get_metrics()` (an engine made with disable_log_stats=False)."""
+    from vllm.v1.metrics.reader import Histogram
+
+    return metric_totals(
+        (m.name + "_count", m.labels, m.count) if isinstance(m, Histogram)
+        else (m.name, m.labels, m.value)
+        for m in llm.get_metrics()
+    )  # fmt: skip
+
+
+def served_metrics(port: int) -> dict[str, float]:
+    """metric_totals of a server's /metrics page."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=30).text
+    return metric_totals(
+        (s.name, s.labels, s.value) for f in text_string_to_metric_families(text) for s in f.samples
+    )
+
+
+def metrics_of(records: list[dict], drops: list[int]) -> dict[str, float]:
+    """What the metrics must count for these pruned prompts (the worker's records)."""
+    expected = {
+        "pruned_requests": len(records),
+        "pruned_prompt_tokens": sum(r["kept"][0] for r in records),
+        "token_layers": sum(r["token_layers"] for r in records),
+        "token_layers_saved": sum(r["saved"] for r in records),
+        "kept_share_count": len(records),
+    }
+    for stage, layer in enumerate(drops, start=1):
+        expected[f"kept_tokens@{layer}"] = sum(r["kept"][stage] for r in records)
+    return expected
+
+
+def metrics_added(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    return {k: v - before.get(k, 0) for k, v in after.items()}

@@ -22,7 +22,10 @@ from tests.conftest import TINY_MODELS
 from tests.e2e.helpers import (
     TINY_SETTINGS,
     check_against_reference,
+    metrics_added,
+    metrics_of,
     offline_llm,
+    offline_metrics,
     pruning_state,
     random_prompts,
     vllm_dtype,
@@ -75,7 +78,8 @@ def engine(family):
     os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
     try:
         settings = {"additional_config": {"uniprefill": TINY_SETTINGS}}
-        with _llm(family[1], max_num_batched_tokens=STEP_BUDGET, **settings) as llm:
+        with _llm(family[1], max_num_batched_tokens=STEP_BUDGET, disable_log_stats=False,
+                  **settings) as llm:  # fmt: skip
             yield llm
     finally:
         del os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"]
@@ -153,6 +157,22 @@ def test_pruned_requests_keep_what_the_reference_keeps_and_say_the_same(engine, 
         # model attends almost evenly, so a prompt may have blocks within rounding of the
         # threshold (tiny-qwen2 has one here); the others' tokens are compared exactly
         assert determined >= len(batch) - 1
+
+
+def test_metrics_count_what_the_worker_pruned(engine):
+    """Offline, `LLM.get_metrics()` carries UniPrefill's metrics (stats on): what a batch adds
+    equals the worker's own records of the prompts it pruned, which rode from the worker process
+    to the engine core and on to this process in vLLM's outputs and stats."""
+    before = offline_metrics(engine)
+    batch = [{"prompt_token_ids": p, "cache_salt": "metrics"} for p in asking()]
+    ids = {out.request_id for out in engine.generate(batch, greedy())}
+    (worker,) = engine.collective_rpc("uniprefill_requests")
+    records = [r for r in worker["recent"] if r["req_id"].rsplit("-", 1)[0] in ids]
+    assert len(records) >= 2
+    added = metrics_added(before, offline_metrics(engine))
+    assert added.pop("selection_seconds_count") >= 1
+    drops = engine.llm_engine.vllm_config.additional_config["uniprefill"]["drop_layers"]
+    assert added == metrics_of(records, drops)
 
 
 @pytest.mark.parametrize(
@@ -317,7 +337,7 @@ def small_cache(prepared):
 def prunes_of(llm: LLM, request_id: str) -> int:
     """How many pruned prefills the worker recorded for a request (recomputes included)."""
     (worker,) = llm.collective_rpc("uniprefill_requests")
-    return sum(req_id.rsplit("-", 1)[0] == request_id for req_id, _ in worker["recent"])
+    return sum(r["req_id"].rsplit("-", 1)[0] == request_id for r in worker["recent"])
 
 
 def preemptions(llm: LLM) -> int:

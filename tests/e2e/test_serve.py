@@ -6,7 +6,14 @@ import openai
 import psutil
 import pytest
 
-from tests.e2e.helpers import lines_from, running_server
+from tests.e2e.helpers import (
+    lines_from,
+    metrics_added,
+    metrics_of,
+    running_server,
+    served_metrics,
+    worker_rpc,
+)
 from uniprefill import serve
 
 ENGINE_ARGS = ["--max-model-len", "4096", "--enforce-eager"]
@@ -24,7 +31,8 @@ def server(prepared, tmp_path_factory):
         dtype="float32",
         extra_args=ENGINE_ARGS,
     )
-    with running_server(cmd, serve.serve_env(kv_cache_gib=1), log_path, port) as proc:
+    env = serve.serve_env(kv_cache_gib=1) | {"VLLM_SERVER_DEV_MODE": "1"}  # the status RPC
+    with running_server(cmd, env, log_path, port) as proc:
         yield proc, port, log_path
 
 
@@ -83,6 +91,27 @@ def test_per_request_controls_reach_the_engine(server):
     off = _complete(port, prompt, uniprefill_enabled=False).choices[0].text
     assert _complete(port, prompt, uniprefill_p=1.0).choices[0].text == off
     assert pruned != off
+
+
+def test_metrics_count_what_the_worker_pruned_and_each_prune_is_logged(server):
+    """/metrics gains what the worker's own records of its pruned prompts add up to; the log has
+    one line per pruned request."""
+    _, port, log_path = server
+    recent = worker_rpc(port, "uniprefill_requests")["recent"]
+    before, seen = served_metrics(port), {r["req_id"] for r in recent}
+    for seed in (1, 2):  # new prompts, pruned
+        _complete(port, [(seed * 13 + 7 * i) % 900 + 10 for i in range(1500)], uniprefill_p=0.5)
+    recent = worker_rpc(port, "uniprefill_requests")["recent"]
+    records = [r for r in recent if r["req_id"] not in seen]
+    assert len(records) == 2
+    added = metrics_added(before, served_metrics(port))
+    assert added.pop("selection_seconds_count") >= 1
+    drops = worker_rpc(port, "uniprefill_status")["config"]["drop_layers"]
+    assert added == metrics_of(records, drops)
+    log = log_path.read_text()
+    for r in records:
+        expected = f"UniPrefill pruned request {r['req_id']}: {r['kept'][0]} prompt tokens, kept "
+        assert len(lines_from(log, "EngineCore", expected)) == 1
 
 
 def test_shuts_down_cleanly(server):

@@ -79,3 +79,28 @@ def test_unknown_plugin_name_fails_with_a_clear_message(capsys):
         _serve_args(["m", "--plugin", "speedup"])
     err = capsys.readouterr().err
     assert "unknown plugin 'speedup'; --plugin can enable: uniprefill" in err
+
+
+def test_extension_fields_travel_in_vllms_engine_outputs_and_revert():
+    """The field the plugin declares on SchedulerStats survives vLLM's own msgspec transport
+    (engine core -> front end); without the plugin, vLLM's class has no such field."""
+    import dataclasses
+
+    from vllm.v1.engine import EngineCoreOutputs
+    from vllm.v1.metrics.stats import SchedulerStats
+    from vllm.v1.serial_utils import MsgpackDecoder, MsgpackEncoder
+
+    from uniprefill.vllm_glue.metrics import STATS_FIELD
+
+    (extension,) = patches.EXTENSIONS
+    assert extension.target.endswith(f"SchedulerStats.{STATS_FIELD}") and extension.why
+    stats = SchedulerStats(num_running_reqs=2)
+    report = {"prompts": [{"req_id": "r", "kept": [4096, 3000]}], "selection_s": [0.01]}
+    setattr(stats, STATS_FIELD, report)
+    wire = MsgpackEncoder().encode(EngineCoreOutputs(scheduler_stats=stats))
+    received = MsgpackDecoder(EngineCoreOutputs).decode(wire).scheduler_stats
+    assert getattr(received, STATS_FIELD) == report and received.num_running_reqs == 2
+    assert getattr(SchedulerStats(), STATS_FIELD) is None
+    patches.revert_patches()
+    assert STATS_FIELD not in {f.name for f in dataclasses.fields(SchedulerStats)}
+    assert not hasattr(SchedulerStats(), STATS_FIELD)

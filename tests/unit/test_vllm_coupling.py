@@ -136,3 +136,20 @@ def test_every_runner_attribute_the_pruner_reads_is_in_the_ledger():
         if path.startswith("input_batch.")
     }
     assert read - listed == set()
+
+
+def test_prometheus_logger_has_the_attributes_used():
+    from vllm.v1.metrics.loggers import PrometheusStatLogger
+
+    source = inspect.getsource(PrometheusStatLogger.__init__)
+    for name in coupling.STAT_LOGGER_ATTRIBUTES:
+        assert hasattr(PrometheusStatLogger, name) or re.search(rf"self\.{name}\b[^=\n]*=", source)
+
+
+@pytest.mark.parametrize("extension", coupling.EXTENSIONS, ids=lambda e: e.target)
+def test_extended_dataclass_exists_without_the_field(extension):
+    owner_path, _, name = extension.target.rpartition(".")
+    owner = coupling.resolve(owner_path)
+    assert dataclasses.is_dataclass(owner)
+    source = inspect.getsource(owner)  # vLLM's own definition: the name must stay free
+    assert not re.search(rf"^\s+{name}\s*:", source, re.MULTILINE)

@@ -2,6 +2,7 @@
 
 vLLM makes no promise about any of these; they are what ties UniPrefill to one vLLM release.
 - PATCHES: class attributes UniPrefill rebinds (applied by `patches.py`);
+- EXTENSIONS: dataclass fields UniPrefill declares on vLLM's classes (applied there too);
 - OVERRIDES: vLLM methods UniPrefill's scheduler overrides or rebinds on an instance;
 - IMPORTS: vLLM internals imported by name (signatures for the callables called);
 - FIELDS: dataclass fields read or written;
@@ -43,6 +44,16 @@ class Patch:
     why: str
     scope: str = "plugin"
     remove_when: str = "never: no upstream hook exists"
+
+
+@dataclass(frozen=True)
+class Extension:
+    """A field (default None) declared on a vLLM dataclass, in every process (the plugin's
+    scope), so vLLM's msgspec transport carries it: it sends a dataclass's declared fields only.
+    """
+
+    target: str  # "module:Class.field"
+    why: str
 
 
 @dataclass(frozen=True)
@@ -111,11 +122,44 @@ PATCHES: tuple[Patch, ...] = (
         scope="worker",
     ),
     Patch(
+        target="vllm.v1.worker.gpu_model_runner:GPUModelRunner.sample_tokens",
+        wrap="uniprefill.vllm_glue.pruning:wrap_sample_tokens",
+        signature=("self", "grammar_output"),
+        why="puts what pruning did (keep counts, selection time) on the step's ModelRunnerOutput, "
+        "the one object every worker's step sends to the scheduler (metrics.py)",
+        scope="worker",
+        remove_when="vLLM lets a runner report plugin stats to the scheduler",
+    ),
+    Patch(
+        target="vllm.v1.metrics.loggers:StatLoggerManager.__init__",
+        wrap="uniprefill.vllm_glue.metrics:wrap_stat_logger_manager_init",
+        signature=(
+            "self",
+            "vllm_config",
+            "engine_idxs",
+            "custom_stat_loggers",
+            "enable_default_loggers",
+            "aggregate_engine_logging",
+            "client_count",
+        ),
+        why="engines with UniPrefill on get vLLM's Prometheus logger with UniPrefill's metrics "
+        "added (vllm.stat_logger_plugins would load for every AsyncLLM and never offline)",
+        scope="frontend",
+    ),
+    Patch(
         target="vllm.v1.worker.gpu_model_runner:GPUModelRunner._update_states",
         wrap="uniprefill.vllm_glue.pruning:wrap_update_states",
         signature=("self", "scheduler_output"),
         why="drops a request's per-stage KV offsets when it finishes, is aborted or preempted",
         scope="worker",
+    ),
+)
+
+EXTENSIONS: tuple[Extension, ...] = (
+    Extension(
+        target="vllm.v1.metrics.stats:SchedulerStats.uniprefill",
+        why="carries the workers' pruning reports from the engine core to the front end's "
+        "metrics (metrics.py)",
     ),
 )
 
@@ -155,6 +199,25 @@ OVERRIDES: tuple[Override, ...] = (
         "are counted against max_held_tokens (the one place that sees every chunk's size)",
     ),
     Override(
+        f"{_SCHEDULER}.update_from_output",
+        ("self", "scheduler_output", "model_runner_output"),
+        _OURS,
+        "logs each pruned prompt the workers report and keeps the report for the next stats",
+    ),
+    Override(
+        f"{_SCHEDULER}.make_stats",
+        (
+            "self",
+            "spec_decoding_stats",
+            "kv_connector_stats",
+            "cudagraph_stats",
+            "perf_stats",
+            "ec_connector_stats",
+        ),
+        _OURS,
+        "adds the workers' pruning reports to vLLM's scheduler stats",
+    ),
+    Override(
         f"{_SCHEDULER}._free_request",
         ("self", "request", "delay_free_blocks"),
         _OURS,
@@ -188,6 +251,20 @@ IMPORTS: dict[str, tuple[str, ...] | None] = {
     "vllm.v1.request:Request": None,
     "vllm.exceptions:VLLMValidationError.__init__": ("self", "message", "parameter", "value"),
     "vllm.sampling_params:SamplingParams": None,
+    "vllm.v1.outputs:ModelRunnerOutput": None,
+    "vllm.v1.metrics.loggers:PrometheusStatLogger.__init__": (
+        "self",
+        "vllm_config",
+        "engine_indexes",
+    ),
+    "vllm.v1.metrics.loggers:PrometheusStatLogger.record": (
+        "self",
+        "scheduler_stats",
+        "iteration_stats",
+        "mm_cache_stats",
+        "engine_idx",
+    ),
+    "vllm.v1.metrics.utils:create_metric_per_engine": ("metric", "per_engine_labelvalues"),
 }
 
 FIELDS: dict[str, tuple[str, ...]] = {
@@ -279,7 +356,14 @@ COMPILED_MODULE_ATTRIBUTES: tuple[str, ...] = ("do_not_compile",)
 # Per KV-cache group: runner.input_batch.block_table[gid] and runner.attn_groups[gid][i].
 BLOCK_TABLE_ATTRIBUTES: tuple[str, ...] = ("get_device_tensor", "slot_mapping_mode", "block_size")
 ATTENTION_GROUP_ATTRIBUTES: tuple[str, ...] = ("build_metadata", "layer_names")
+# Read on UniPrefillPrometheusLogger, set by PrometheusStatLogger (metrics.py).
+STAT_LOGGER_ATTRIBUTES: tuple[str, ...] = (
+    "per_engine_labelvalues",
+    "_counter_cls",
+    "_histogram_cls",
+)
 SCHEDULER_ATTRIBUTES: tuple[str, ...] = (
+    "log_stats",
     "hash_block_size",
     "kv_cache_manager.empty_kv_cache_blocks",
     "kv_cache_manager.enable_caching",

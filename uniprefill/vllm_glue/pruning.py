@@ -25,6 +25,10 @@ prompt runs stage 0, and at the first drop layer its rows leave the step and are
 (`Held`); at the chunk that ends the prompt they join it, and the selection runs over the whole
 prompt (step_plan.py).
 
+Each pruned prompt's keep counts (and the selection's time) ride on the step's
+`ModelRunnerOutput` to the scheduler, which logs them and adds them to vLLM's scheduler stats:
+the route to /metrics (metrics.py).
+
 The worker keeps each pruned request's per-stage KV offsets until the request finishes, is
 aborted or is preempted; held rows until their last chunk, or the same. A preempted request is
 recomputed by vLLM from scratch; it is pruned again only if it had produced no token yet (then
@@ -33,7 +37,9 @@ it is the same fresh prompt), otherwise it runs unpruned.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,7 +48,9 @@ import torch
 from vllm.config import CUDAGraphMode
 from vllm.forward_context import get_forward_context
 from vllm.model_executor.layers.attention import Attention
+from vllm.v1.outputs import ModelRunnerOutput
 
+from uniprefill.accounting import pruned_prompt
 from uniprefill.config import CONFIG_KEY, UniPrefillConfig
 from uniprefill.ops import select_tokens
 from uniprefill.requests import question_breaks, request_p, scoring_queries
@@ -52,6 +60,7 @@ from uniprefill.vllm_glue.coupling import (
     runner_missing_attributes,
 )
 from uniprefill.vllm_glue.log import get_logger
+from uniprefill.vllm_glue.metrics import REPORT_ATTRIBUTE
 from uniprefill.vllm_glue.stage_metadata import install_stage_metadata, layers_by_stage
 from uniprefill.vllm_glue.step_plan import (
     ScheduledRequest,
@@ -66,7 +75,7 @@ from uniprefill.vllm_glue.step_plan import (
 )
 
 logger = get_logger(__name__)
-RECENT_PRUNES = 256  # per-request keep counts remembered for status/benchmarks (bounded)
+RECENT_PRUNES = 256  # pruned prompts remembered for the status RPC and benchmarks (bounded)
 EAGER_WARM_UP_TOKENS = 256  # rows of the start-up step that warms the eager path up
 
 
@@ -113,6 +122,7 @@ class _PrunedForward:
         self.plan = plan
         self.stages: list[StageRows] = [first_stage(plan, positions)]
         self.drop_qk: tuple[torch.Tensor, torch.Tensor] | None = None  # the drop layer's q, k
+        self.selection_s = 0.0  # time in the selection operator, all drop layers
 
 
 class Pruner:
@@ -127,7 +137,10 @@ class Pruner:
         self.breaks = question_breaks(config, runner.model_config)
         self.kv_offsets: dict[str, tuple[int, ...]] = {}  # live pruned requests -> stages 1..S
         self.held: dict[str, Held] = {}  # chunked pruned prompts whose last chunk is to come
-        self.recent: deque[tuple[str, list[int]]] = deque(maxlen=RECENT_PRUNES)
+        self.depth = runner.model_config.hf_text_config.num_hidden_layers
+        self.recent: deque[dict] = deque(maxlen=RECENT_PRUNES)  # accounting.pruned_prompt
+        self.unreported: list[dict] = []  # pruned prompts not yet sent to the scheduler
+        self.selection_s: list[float] = []  # per scoring step not yet sent: selection seconds
         self.eager_steps = 0  # steps that scored or held prompts, run outside the compiled graph
         self.forward: _PrunedForward | None = None
         self.layers = _decoder_layers(runner.model, runner.model_config)
@@ -189,6 +202,7 @@ class Pruner:
             rows = stage.num_rows
             if rows == 0:
                 raise _AllRowsHeld(output[0])
+        started = time.perf_counter()
         selection = select_tokens(
             q.view(rows, attention.num_heads, attention.head_size),
             k.view(rows, attention.num_kv_heads, attention.head_size),
@@ -198,6 +212,7 @@ class Pruner:
             queries=forward.plan.queries,
         )
         kept = selection.kept_indices
+        forward.selection_s += time.perf_counter() - started
         if kept.numel() < rows:
             output = tuple(
                 t[kept] if isinstance(t, torch.Tensor) and t.shape[0] == rows else t for t in output
@@ -309,6 +324,8 @@ class Pruner:
             self.forward = None
             context.skip_compiled = skipping
         self.eager_steps += 1
+        if pruned.selection_s:  # not a step that only held chunks
+            self.selection_s.append(pruned.selection_s)
         kept_rows = pruned.stages[-1].kept_rows
         if kept_rows is not None:  # back to the step's rows; held rows have none
             full = hidden.new_zeros((positions.shape[0], *hidden.shape[1:]))
@@ -322,7 +339,19 @@ class Pruner:
         for req_id, offsets in pruned_offsets(plan, stages).items():
             self.kv_offsets[req_id] = offsets
             prompt_len = int(plan.joined_rows[plan.req_ids.index(req_id)])
-            self.recent.append((req_id, [prompt_len] + [prompt_len - o for o in offsets]))
+            kept = [prompt_len] + [prompt_len - o for o in offsets]
+            record = pruned_prompt(req_id, kept, self.drops, self.depth)
+            self.recent.append(record)
+            self.unreported.append(record)
+
+    def take_report(self) -> dict | None:
+        """What pruning did since the last report (pruned prompts, selection seconds per scoring
+        step), or None if nothing."""
+        if not self.unreported and not self.selection_s:
+            return None
+        report = {"prompts": self.unreported, "selection_s": self.selection_s}
+        self.unreported, self.selection_s = [], []
+        return report
 
     def forget(self, req_ids: Any) -> None:
         for req_id in req_ids:
@@ -402,6 +431,21 @@ def wrap_model_forward(original: Any) -> Any:
         )
 
     return _model_forward
+
+
+def wrap_sample_tokens(original: Any) -> Any:
+    def sample_tokens(self, *args: Any, **kwargs: Any) -> Any:
+        output = original(self, *args, **kwargs)
+        pruner = pruner_of(self)
+        if pruner is None or not isinstance(output, ModelRunnerOutput):
+            return output
+        report = pruner.take_report()
+        if report is not None:
+            output = dataclasses.replace(output)  # never annotate an object vLLM shares
+            setattr(output, REPORT_ATTRIBUTE, report)
+        return output
+
+    return sample_tokens
 
 
 def wrap_update_states(original: Any) -> Any:

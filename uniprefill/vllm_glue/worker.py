@@ -35,9 +35,10 @@ class UniPrefillWorkerExtension:
 
     def uniprefill_requests(self) -> dict[str, Any]:
         """Pruned requests still holding per-stage KV offsets; pruned prompts in chunks whose
-        rows are held at the first drop layer (rows, bytes); the keep counts (prompt, then after
-        each drop layer) of the most recent pruned prefills, oldest first; and how many steps
-        scored or held prompts (those run eager)."""
+        rows are held at the first drop layer (rows, bytes); the most recent pruned prefills,
+        oldest first (request id, keep counts: prompt, then after each drop layer, token-layers
+        unpruned and saved, ideal speedup: uniprefill.accounting.pruned_prompt); and how many
+        steps scored or held prompts (those run eager)."""
         pruner = pruner_of(self.model_runner)
         if pruner is None:
             return {"live": {}, "held": {}, "recent": [], "eager_steps": 0}
