@@ -126,6 +126,11 @@ class UniPrefillConfig:
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any] | None) -> UniPrefillConfig:
         """Build from the user's dict; unknown keys are an error that lists the valid ones."""
+        if raw is not None and not isinstance(raw, Mapping):
+            raise ValueError(
+                f'additional_config["{CONFIG_KEY}"] must be a JSON object of settings, e.g. '
+                f'{{"{CONFIG_KEY}": {{"p": 0.99}}}}, got {raw!r}'
+            )
         raw = dict(raw or {})
         if "preset" in raw:
             preset = raw.pop("preset")

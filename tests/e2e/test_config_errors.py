@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 from vllm import LLM
-from vllm.config import CompilationMode
+from vllm.config import CompilationMode, KVTransferConfig
 from vllm.engine.arg_utils import EngineArgs
 
 from uniprefill import plugin
@@ -121,3 +121,33 @@ def test_linear_attention_model_runs_without_prefix_caching(prepared):
     assert _engine_config(model, {"enabled": False}).cache_config.enable_prefix_caching
     with pytest.raises(ValueError, match="remove --enable-prefix-caching"):
         _engine_config(model, {}, enable_prefix_caching=True)
+
+
+LMCACHE = KVTransferConfig(kv_connector="LMCacheConnectorV1", kv_role="kv_both")
+PREFILL_NODE = KVTransferConfig(kv_connector="NixlConnector", kv_role="kv_producer")
+
+
+@pytest.mark.parametrize(
+    ("engine_args", "named"),
+    [
+        ({"kv_transfer_config": LMCACHE}, "a KV connector"),
+        ({"kv_transfer_config": PREFILL_NODE}, "disaggregation"),
+        ({"kv_offloading_size": 1.0}, "KV offloading"),
+        ({"enable_lora": True}, "LoRA adapters"),
+        ({"runner": "pooling"}, "the pooling runner"),
+    ],
+    ids=["lmcache", "pd-disaggregation", "kv-offloading", "lora", "pooling"],
+)
+def test_engine_features_uniprefill_cannot_serve_are_refused(prepared, engine_args, named):
+    with pytest.raises(ValueError, match=f"UniPrefill cannot run with .*{named}") as refused:
+        _engine_config(prepared("tiny-llama"), {}, **engine_args)
+    assert "disable UniPrefill" in str(refused.value)
+    _engine_config(prepared("tiny-llama"), {"enabled": False}, **engine_args)  # vLLM's alone
+
+
+@pytest.mark.parametrize("settings", [5, "on", [1]])
+def test_settings_that_are_not_an_object_name_the_fix(prepared, settings):
+    with pytest.raises(
+        ValueError, match=r'additional_config\["uniprefill"\] must be a JSON object'
+    ):
+        _engine_config(prepared("tiny-llama"), settings)

@@ -81,6 +81,27 @@ def test_unknown_plugin_name_fails_with_a_clear_message(capsys):
     assert "unknown plugin 'speedup'; --plugin can enable: uniprefill" in err
 
 
+@pytest.mark.parametrize("spelling", [["--plugin=uniprefill"], ["--plugin", "uniprefill"] * 2])
+def test_plugin_option_spellings(spelling):
+    assert _serve_args(["m", *spelling]).additional_config == {"uniprefill": {"enabled": True}}
+
+
+def test_malformed_additional_config_json_names_the_fix(capsys):
+    with pytest.raises(SystemExit):
+        _serve_args(["m", "--plugin", "uniprefill", "--additional-config", "{uniprefill: {}}"])
+    err = capsys.readouterr().err
+    assert "argument --additional-config: not valid JSON (Expecting property name" in err
+    assert """e.g. --additional-config '{"uniprefill": {"p": 0.99}}'""" in err
+    # valid JSON parses as vLLM parses it
+    parsed = _serve_args(["m", "--additional-config", '{"other": [1, 2]}'])
+    assert parsed.additional_config == {"other": [1, 2]}
+
+
+def test_additional_config_that_is_not_an_object_names_the_fix():
+    with pytest.raises(ValueError, match="--additional-config must be a JSON object, got 'p=0.9'"):
+        _serve_args(["m", "--plugin", "uniprefill", "--additional-config", "p=0.9"])
+
+
 def test_extension_fields_travel_in_vllms_engine_outputs_and_revert():
     """The field the plugin declares on SchedulerStats survives vLLM's own msgspec transport
     (engine core -> front end); without the plugin, vLLM's class has no such field."""

@@ -328,6 +328,9 @@ CONFIG_ATTRIBUTES: tuple[str, ...] = (
     "parallel_config.pipeline_parallel_size",
     "speculative_config",
     "use_v2_model_runner",
+    "kv_transfer_config",
+    "lora_config",
+    "model_config.runner_type",
 )
 # Set by engine_args._choose_runner_and_scheduling when the user left it unset.
 ENVIRONMENT: tuple[str, ...] = ("VLLM_USE_V2_MODEL_RUNNER",)

@@ -32,10 +32,34 @@ def _plugin_name(value: str) -> str:
     return value
 
 
+JSON_EXAMPLE = """--additional-config '{"uniprefill": {"p": 0.99}}'"""
+
+
+def _explained(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """vLLM's parser for --additional-config, whose error names the fix (vLLM's says only that
+    the value "cannot be converted to <function loads>")."""
+
+    def parse_additional_config(value: str) -> Any:
+        try:
+            return parse(value)
+        except (ValueError, argparse.ArgumentTypeError) as error:
+            cause = error.__cause__ or error
+            raise argparse.ArgumentTypeError(
+                f"not valid JSON ({cause}); it takes a JSON object with keys and strings in "
+                f"double quotes, e.g. {JSON_EXAMPLE}"
+            ) from None
+
+    return parse_additional_config
+
+
 def wrap_add_cli_args(original: Callable[..., Any]) -> Callable[..., Any]:
     def add_cli_args(parser: Any, *args: Any, **kwargs: Any) -> Any:
         parser = original(parser, *args, **kwargs)
-        if "--plugin" not in parser._option_string_actions:
+        options = parser._option_string_actions
+        if "--plugin" not in options:  # once per parser
+            additional = options.get("--additional-config")
+            if additional is not None and additional.type is not None:
+                additional.type = _explained(additional.type)
             parser.add_argument(
                 "--plugin",
                 action="append",
@@ -51,10 +75,15 @@ def wrap_add_cli_args(original: Callable[..., Any]) -> Callable[..., Any]:
 
 def enable_in(additional_config: dict[str, Any] | None) -> dict[str, Any]:
     """A copy of `additional_config` that turns UniPrefill on (an explicit `enabled` wins)."""
+    if additional_config is not None and not isinstance(additional_config, dict):
+        raise ValueError(
+            f"--additional-config must be a JSON object, got {additional_config!r}; "
+            f"e.g. {JSON_EXAMPLE}"
+        )
     merged = dict(additional_config or {})
-    settings = dict(merged.get(CONFIG_KEY) or {})
-    settings.setdefault("enabled", True)
-    merged[CONFIG_KEY] = settings
+    settings = merged.get(CONFIG_KEY) or {}
+    if isinstance(settings, dict):  # anything else: UniPrefillConfig.from_dict says what is wrong
+        merged[CONFIG_KEY] = {"enabled": True, **settings}
     return merged
 
 
@@ -78,11 +107,19 @@ def _claim(engine_args: Any, field: str, ours: str, unset: object) -> None:
     setattr(engine_args, field, ours)
 
 
-def _check_parallelism_and_runner(vllm_config: Any) -> None:
+def _check_engine_features(vllm_config: Any) -> None:
+    """Refuse the engine features UniPrefill cannot serve correctly (yet)."""
     parallel = vllm_config.parallel_config
     unsupported = {
         "tensor_parallel_size > 1": parallel.tensor_parallel_size > 1,
         "pipeline_parallel_size > 1": parallel.pipeline_parallel_size > 1,
+        "a KV connector (--kv-transfer-config or --kv-offloading-size: LMCache, NIXL, "
+        "prefill/decode disaggregation, KV offloading), which would store or ship a pruned "
+        "prompt's compacted KV as the whole prompt's": vllm_config.kv_transfer_config is not None,
+        "LoRA adapters (--enable-lora)": vllm_config.lora_config is not None,
+        f"the {vllm_config.model_config.runner_type} runner (pooling needs every prompt token)": (
+            vllm_config.model_config.runner_type != "generate"
+        ),
         "speculative decoding": vllm_config.speculative_config is not None,
         "Model Runner V2 (VLLM_USE_V2_MODEL_RUNNER=1, or a vLLM feature that needs it, such as "
         "HiSparse or watermarking)": vllm_config.use_v2_model_runner,
@@ -90,7 +127,7 @@ def _check_parallelism_and_runner(vllm_config: Any) -> None:
     found = [name for name, present in unsupported.items() if present]
     if found:
         raise ValueError(
-            f"UniPrefill does not support {', '.join(found)} yet; run without it "
+            f"UniPrefill cannot run with {'; '.join(found)} (not supported yet); run without it "
             '(or disable UniPrefill: --additional-config \'{"uniprefill": {"enabled": false}}\')'
         )
 
@@ -171,7 +208,7 @@ def wrap_create_engine_config(original: Callable[..., Any]) -> Callable[..., Any
         vllm_config = original(self, *args, **kwargs)
         if _adjust(self, vllm_config, user_set):
             vllm_config = original(self, *args, **kwargs)
-        _check_parallelism_and_runner(vllm_config)
+        _check_engine_features(vllm_config)
 
         model_config = vllm_config.model_config
         family = family_of(model_config.architectures)
