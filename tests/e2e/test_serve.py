@@ -1,5 +1,6 @@
 """`vllm serve MODEL --plugin uniprefill` as a real server on loopback, used through `openai`."""
 
+import json
 import subprocess
 
 import openai
@@ -112,6 +113,27 @@ def test_metrics_count_what_the_worker_pruned_and_each_prune_is_logged(server):
     for r in records:
         expected = f"UniPrefill pruned request {r['req_id']}: {r['kept'][0]} prompt tokens, kept "
         assert len(lines_from(log, "EngineCore", expected)) == 1
+
+
+def test_vllms_own_benchmark_client_runs_unchanged(server, prepared, tmp_path):
+    """`vllm bench serve` (random dataset, long inputs, p per request through its --extra-body)
+    against the server: every request succeeds, and the long prompts are pruned. Its ready check
+    sends the first prompt once more, first: pruned then, that prompt's second send repeats a
+    pruned prompt and is prefilled unpruned (repeated_prefix "fill"), the other three pruned."""
+    _, port, _ = server
+    before = served_metrics(port).get("pruned_requests", 0)
+    cmd = [serve.vllm_executable(), "bench", "serve", "--backend", "vllm",
+           "--base-url", f"http://127.0.0.1:{port}", "--model", "tiny-llama",
+           "--tokenizer", str(prepared("tiny-llama")), "--dataset-name", "random",
+           "--random-input-len", "1500", "--random-output-len", "4", "--num-prompts", "4",
+           "--max-concurrency", "2", "--ignore-eos", "--disable-tqdm", "--save-result",
+           "--extra-body", json.dumps({"vllm_xargs": {"uniprefill_p": 0.5}}),
+           "--result-dir", str(tmp_path), "--result-filename", "bench.json"]  # fmt: skip
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    result = json.loads((tmp_path / "bench.json").read_text())
+    assert result["completed"] == 4 and result["failed"] == 0
+    assert served_metrics(port)["pruned_requests"] - before == 4
 
 
 def test_shuts_down_cleanly(server):

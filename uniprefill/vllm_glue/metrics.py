@@ -47,7 +47,8 @@ def uniprefill_enabled(vllm_config: Any) -> bool:
 class UniPrefillPrometheusLogger(PrometheusStatLogger):
     """vLLM's Prometheus metrics, and UniPrefill's:
 
-    vllm:uniprefill_pruned_requests_total: prompts pruned;
+    vllm:uniprefill_pruned_requests_total: prompts pruned (a scored prompt that kept every
+        token is not counted);
     vllm:uniprefill_pruned_prompt_tokens_total: their prompt tokens;
     vllm:uniprefill_kept_tokens_total{drop_layer}: tokens they kept after each drop layer;
     vllm:uniprefill_token_layers_total, ..._token_layers_saved_total: token-layers their
