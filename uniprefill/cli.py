@@ -65,7 +65,8 @@ def _serve(args: argparse.Namespace) -> int:
         extra_args=args.vllm_args,
     )
     print("+ " + " ".join(cmd), flush=True)
-    proc = serve.start(cmd, serve.serve_env(args.kv_cache_gib))
+    tp = serve.tensor_parallel_size(args.vllm_args)
+    proc = serve.start(cmd, serve.serve_env(args.kv_cache_gib, tensor_parallel_size=tp))
     signal.signal(signal.SIGTERM, _interrupt)
     base_url = f"http://{args.host}:{args.port}"
     try:

@@ -74,10 +74,35 @@ def serve_command(
 STEP_TIMEOUT_S = 3600
 
 
-def serve_env(kv_cache_gib: int | None = None) -> dict[str, str]:
-    """The server's environment: a CPU KV-cache size that starts here and a model-step timeout
-    that fits CPU prefill, unless the user set them."""
+def tensor_parallel_size(vllm_args: Sequence[str]) -> int:
+    """The tensor-parallel size `vllm serve` arguments ask for (1 if none)."""
+    args = list(vllm_args)
+    for i, arg in enumerate(args):
+        name, _, value = arg.partition("=")
+        if name in ("--tensor-parallel-size", "-tp"):
+            return int(value or args[i + 1])
+    return 1
+
+
+def cpu_threads_bind(ranks: int, cores: int) -> str:
+    """VLLM_CPU_OMP_THREADS_BIND for `ranks` tensor-parallel ranks: each an equal, contiguous
+    share of the cores ("0|1": 2 ranks on 2 cores; "0-3|4-7": on 8)."""
+    share = cores // ranks
+    if share < 1:
+        raise ValueError(f"tensor parallel size {ranks} needs at least {ranks} CPU cores, "
+                         f"this machine has {cores}")  # fmt: skip
+    spans = [(r * share, (r + 1) * share - 1) for r in range(ranks)]
+    return "|".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
+
+
+def serve_env(kv_cache_gib: int | None = None, tensor_parallel_size: int = 1) -> dict[str, str]:
+    """The server's environment: a CPU KV-cache size that starts here, a model-step timeout
+    that fits CPU prefill and, on the CPU backend with tensor parallelism, a share of the cores
+    for each rank (vLLM's CPU workers need one), unless the user set them."""
     env = dict(os.environ)
+    if tensor_parallel_size > 1 and is_cpu_backend():
+        cores = len(os.sched_getaffinity(0))
+        env.setdefault("VLLM_CPU_OMP_THREADS_BIND", cpu_threads_bind(tensor_parallel_size, cores))
     env.setdefault("VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS", str(STEP_TIMEOUT_S))
     if kv_cache_gib is not None:
         env["VLLM_CPU_KVCACHE_SPACE"] = str(kv_cache_gib)

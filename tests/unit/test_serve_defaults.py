@@ -1,5 +1,9 @@
 """`uniprefill serve` picks a dtype and KV-cache size that start on a CPU machine."""
 
+import os
+
+import pytest
+
 from uniprefill import serve
 
 
@@ -37,3 +41,22 @@ def test_baseline_command_leaves_the_plugin_out():
         "/m", served_name=None, host="h", port=9, dtype=None, uniprefill=False
     )
     assert "--plugin" not in cmd and cmd[1:3] == ["serve", "/m"]
+
+
+def test_tensor_parallel_ranks_get_a_share_of_the_cores_each(monkeypatch):
+    assert serve.tensor_parallel_size(["--max-model-len", "4096"]) == 1
+    assert serve.tensor_parallel_size(["--tensor-parallel-size", "2"]) == 2
+    assert serve.tensor_parallel_size(["--tensor-parallel-size=4"]) == 4
+    assert serve.tensor_parallel_size(["-tp", "2"]) == 2
+    assert serve.cpu_threads_bind(2, 2) == "0|1"
+    assert serve.cpu_threads_bind(2, 8) == "0-3|4-7"
+    assert serve.cpu_threads_bind(3, 7) == "0-1|2-3|4-5"
+    with pytest.raises(ValueError, match="needs at least 4 CPU cores, this machine has 2"):
+        serve.cpu_threads_bind(4, 2)
+    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
+    assert "VLLM_CPU_OMP_THREADS_BIND" not in serve.serve_env()
+    cores = len(os.sched_getaffinity(0))
+    bound = serve.serve_env(tensor_parallel_size=2)["VLLM_CPU_OMP_THREADS_BIND"]
+    assert bound == serve.cpu_threads_bind(2, cores)
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "1|0")  # the user's choice wins
+    assert serve.serve_env(tensor_parallel_size=2)["VLLM_CPU_OMP_THREADS_BIND"] == "1|0"

@@ -242,6 +242,8 @@ OVERRIDES: tuple[Override, ...] = (
 IMPORTS: dict[str, tuple[str, ...] | None] = {
     "vllm.forward_context:get_forward_context": (),
     "vllm.config:CUDAGraphMode": None,
+    "vllm.distributed:get_tp_group": (),
+    "vllm.distributed.parallel_state:GroupCoordinator.all_gather": ("self", "input_", "dim"),
     "vllm.model_executor.layers.attention:Attention": None,
     "vllm.model_executor.models.utils:extract_layer_index": ("layer_name", "num_attn_module"),
     "vllm.v1.attention.backend:CommonAttentionMetadata": None,
@@ -345,6 +347,7 @@ RUNNER_ATTRIBUTES: tuple[str, ...] = (
     "seq_lens",
     "optimistic_seq_lens_cpu",
     "vllm_config.additional_config",
+    "vllm_config.parallel_config.tensor_parallel_size",
     "max_num_tokens",
     "_dummy_run",
     "input_batch.num_reqs",

@@ -111,7 +111,6 @@ def _check_engine_features(vllm_config: Any) -> None:
     """Refuse the engine features UniPrefill cannot serve correctly (yet)."""
     parallel = vllm_config.parallel_config
     unsupported = {
-        "tensor_parallel_size > 1": parallel.tensor_parallel_size > 1,
         "pipeline_parallel_size > 1": parallel.pipeline_parallel_size > 1,
         "a KV connector (--kv-transfer-config or --kv-offloading-size: LMCache, NIXL, "
         "prefill/decode disaggregation, KV offloading), which would store or ship a pruned "

@@ -46,6 +46,7 @@ from typing import Any
 
 import torch
 from vllm.config import CUDAGraphMode
+from vllm.distributed import get_tp_group
 from vllm.forward_context import get_forward_context
 from vllm.model_executor.layers.attention import Attention
 from vllm.v1.outputs import ModelRunnerOutput
@@ -135,6 +136,8 @@ class Pruner:
         self.rule = config.rule
         self.drops = tuple(config.drop_layers)
         self.breaks = question_breaks(config, runner.model_config)
+        tp = runner.vllm_config.parallel_config.tensor_parallel_size
+        self.reduce_block_scores = _summed_over_ranks if tp > 1 else None
         self.kv_offsets: dict[str, tuple[int, ...]] = {}  # live pruned requests -> stages 1..S
         self.held: dict[str, Held] = {}  # chunked pruned prompts whose last chunk is to come
         self.depth = runner.model_config.hf_text_config.num_hidden_layers
@@ -210,6 +213,7 @@ class Pruner:
             p=forward.plan.p.to(stage.positions.device),
             rule=self.rule,
             queries=forward.plan.queries,
+            reduce_block_scores=self.reduce_block_scores,
         )
         kept = selection.kept_indices
         forward.selection_s += time.perf_counter() - started
@@ -357,6 +361,13 @@ class Pruner:
         for req_id in req_ids:
             self.kv_offsets.pop(req_id, None)
             self.held.pop(req_id, None)
+
+
+def _summed_over_ranks(block_scores: torch.Tensor) -> torch.Tensor:
+    """Under tensor parallelism each rank scores with its own heads: every rank's block scores,
+    summed in rank order, so each rank computes the same float32 sum (an all-reduce may add in
+    another order on each rank) and keeps the same tokens."""
+    return get_tp_group().all_gather(block_scores.unsqueeze(0), dim=0).sum(0)
 
 
 def _decoder_layers(model: torch.nn.Module, model_config: Any) -> torch.nn.ModuleList:

@@ -1,0 +1,88 @@
+"""Tensor parallelism (TP=2 on the CPU backend, one core a rank): each rank scores with its own
+heads, the block scores of all heads are summed over the group before the cut, so every rank
+keeps the same tokens, and the same as TP=1.
+
+tiny-qwen3-next is left out: its single linear-attention key head cannot be split over two
+ranks (stock vLLM fails there the same way).
+"""
+
+import openai
+import pytest
+from vllm import SamplingParams
+from vllm.engine.arg_utils import EngineArgs
+
+from tests.e2e.helpers import (
+    TINY_SETTINGS,
+    offline_llm,
+    random_prompts,
+    running_server,
+    served_metrics,
+)
+from uniprefill import plugin, serve
+
+STEP_BUDGET = 256  # prompts come in chunks
+
+
+def _run(model_dir, tp: int, monkeypatch) -> tuple[list, dict]:
+    """Greedy tokens of random_prompts() and each rank's keep counts, by request index."""
+    if tp > 1:
+        monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", serve.cpu_threads_bind(tp, tp))
+    settings = {"additional_config": {"uniprefill": TINY_SETTINGS}}
+    with offline_llm(model=str(model_dir), dtype="float32", max_model_len=4096, seed=0,
+                     tensor_parallel_size=tp, max_num_batched_tokens=STEP_BUDGET,
+                     **settings) as llm:  # fmt: skip
+        params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+        outputs = llm.generate([{"prompt_token_ids": p} for p in random_prompts()], params)
+        ranks = llm.collective_rpc("uniprefill_requests")
+    tokens = [list(out.outputs[0].token_ids) for out in outputs]
+    kept = [{r["req_id"].split("-")[0]: r["kept"] for r in rank["recent"]} for rank in ranks]
+    return tokens, kept
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen2", "tiny-gemma3"])
+def test_tp2_keeps_and_says_what_tp1_does(prepared, monkeypatch, name):
+    tokens1, (kept1,) = _run(prepared(name), 1, monkeypatch)
+    tokens2, ranks = _run(prepared(name), 2, monkeypatch)
+    assert len(ranks) == 2 and ranks[0] == ranks[1]  # every rank kept the same tokens
+    assert len(kept1) == 3 and any(k[-1] < k[0] for k in kept1.values())  # it does prune
+    assert ranks[0] == kept1 and tokens2 == tokens1
+
+
+def test_tensor_parallel_size_the_heads_do_not_divide_fails_at_start(prepared):
+    plugin.register()
+    args = EngineArgs(model=str(prepared("tiny-llama")), tensor_parallel_size=3,
+                      additional_config={"uniprefill": {}})  # fmt: skip
+    with pytest.raises(ValueError, match=r"attention heads \(4\) must be divisible by tensor"):
+        args.create_engine_config()
+
+
+def test_served_tp2_per_request_controls_and_400s(prepared, tmp_path):
+    port = serve.free_port()
+    args = ["--max-model-len", "4096", "--tensor-parallel-size", "2"]
+    cmd = serve.serve_command(
+        str(prepared("tiny-llama")),
+        served_name="tiny-llama",
+        host="127.0.0.1",
+        port=port,
+        dtype="float32",
+        extra_args=args,
+    )
+    env = serve.serve_env(kv_cache_gib=1, tensor_parallel_size=serve.tensor_parallel_size(args))
+    with running_server(cmd, env, tmp_path / "server.log", port):
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused")
+
+        def complete(prompt, **xargs):
+            body = {"vllm_xargs": xargs}
+            return client.completions.create(
+                model="tiny-llama", prompt=prompt, max_tokens=6, temperature=0, extra_body=body
+            )
+
+        with pytest.raises(openai.BadRequestError, match="uniprefill_p"):
+            complete("The quick brown fox", uniprefill_p=1.5)
+        prompt = [(7 * i) % 900 + 10 for i in range(1500)]
+        pruned = complete(prompt, uniprefill_p=0.2).choices[0].text
+        off = complete(prompt, uniprefill_enabled=False).choices[0].text
+        assert pruned != off
+        assert served_metrics(port)["pruned_requests"] == 1
+        log = (tmp_path / "server.log").read_text()
+        assert log.count("UniPrefill pruned request") == 1, log[-2000:]
