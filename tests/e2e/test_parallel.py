@@ -1,10 +1,16 @@
-"""Tensor parallelism (TP=2 on the CPU backend, one core a rank): each rank scores with its own
-heads, the block scores of all heads are summed over the group before the cut, so every rank
-keeps the same tokens, and the same as TP=1.
+"""Parallel engines on the CPU backend (one core a rank).
+
+Tensor parallelism (TP=2): each rank scores with its own heads, the block scores of all heads
+are summed over the group before the cut, so every rank keeps the same tokens, and the same as
+TP=1. Data parallelism (DP=2): two engines, each with its own scheduler and worker, prune the
+requests vLLM balances onto them.
 
 tiny-qwen3-next is left out: its single linear-attention key head cannot be split over two
 ranks (stock vLLM fails there the same way).
 """
+
+import json
+from concurrent.futures import ThreadPoolExecutor
 
 import openai
 import pytest
@@ -86,3 +92,35 @@ def test_served_tp2_per_request_controls_and_400s(prepared, tmp_path):
         assert served_metrics(port)["pruned_requests"] == 1
         log = (tmp_path / "server.log").read_text()
         assert log.count("UniPrefill pruned request") == 1, log[-2000:]
+
+
+def test_served_dp2_prunes_on_both_engines_alike(prepared, tmp_path):
+    port = serve.free_port()
+    settings = json.dumps({"uniprefill": {"min_prompt_len": 256}})
+    args = ["--max-model-len", "4096", "--data-parallel-size", "2", "--additional-config", settings]
+    cmd = serve.serve_command(
+        str(prepared("tiny-llama")),
+        served_name="tiny-llama",
+        host="127.0.0.1",
+        port=port,
+        dtype="float32",
+        extra_args=args,
+    )
+    with running_server(cmd, serve.serve_env(kv_cache_gib=1), tmp_path / "server.log", port):
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused")
+        prompt = [(7 * i) % 900 + 10 for i in range(1500)]
+
+        def complete(salt: str) -> str:  # the same prompt, new to the cache each time
+            body = {"vllm_xargs": {"uniprefill_p": 0.5}, "cache_salt": salt}
+            reply = client.completions.create(
+                model="tiny-llama", prompt=prompt, max_tokens=6, temperature=0, extra_body=body
+            )
+            return reply.choices[0].text
+
+        with ThreadPoolExecutor(4) as pool:  # at once: vLLM spreads them over the engines
+            texts = list(pool.map(complete, "abcd"))
+        log = (tmp_path / "server.log").read_text()
+    assert len(set(texts)) == 1
+    lines = log.splitlines()
+    pruned_by = [line.split()[0] for line in lines if "UniPrefill pruned request" in line]
+    assert len(pruned_by) == 4 and len(set(pruned_by)) == 2, pruned_by  # both engines pruned
