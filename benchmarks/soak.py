@@ -214,7 +214,7 @@ def soak(args: argparse.Namespace) -> dict:
         extra_args=extra, uniprefill=not args.stock,
     )  # fmt: skip
     env = serve.serve_env(kv_cache_gib=args.kv_cache_gib) | {"VLLM_SERVER_DEV_MODE": "1"}
-    log = Path(args.log or tempfile.mktemp(prefix="soak-", suffix=".log"))
+    log = Path(args.log or tempfile.mkstemp(prefix="soak-", suffix=".log")[1])
     proc = serve.start(cmd, env, log)
     try:
         serve.wait_until_ready(proc, f"http://127.0.0.1:{port}")
