@@ -151,3 +151,8 @@ def test_settings_that_are_not_an_object_name_the_fix(prepared, settings):
         ValueError, match=r'additional_config\["uniprefill"\] must be a JSON object'
     ):
         _engine_config(prepared("tiny-llama"), settings)
+
+
+def test_ray_executor_on_cpu_is_refused_with_what_to_use(prepared):
+    with pytest.raises(ValueError, match="Ray executor .* does not run on the CPU backend; drop"):
+        _engine_config(prepared("tiny-llama"), {}, distributed_executor_backend="ray")

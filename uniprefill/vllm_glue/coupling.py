@@ -242,6 +242,7 @@ OVERRIDES: tuple[Override, ...] = (
 IMPORTS: dict[str, tuple[str, ...] | None] = {
     "vllm.forward_context:get_forward_context": (),
     "vllm.config:CUDAGraphMode": None,
+    "vllm.platforms:current_platform": None,
     "vllm.distributed:get_tp_group": (),
     "vllm.distributed.parallel_state:GroupCoordinator.all_gather": ("self", "input_", "dim"),
     "vllm.model_executor.layers.attention:Attention": None,
@@ -277,6 +278,7 @@ FIELDS: dict[str, tuple[str, ...]] = {
         "worker_extension_cls",
         "enable_prefix_caching",
         "async_scheduling",
+        "distributed_executor_backend",
     ),
     # set for one step by pruning.Pruner.run (a step that scores prompts runs eager)
     "vllm.forward_context:ForwardContext": (

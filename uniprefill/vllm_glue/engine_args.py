@@ -131,6 +131,19 @@ def _check_engine_features(vllm_config: Any) -> None:
         )
 
 
+def _check_executor(engine_args: Any) -> None:
+    """vLLM's Ray executor does not run on the CPU backend (its platform names no Ray device);
+    say so before vLLM fails on it (or on Ray missing) deeper in its config checks."""
+    from vllm.platforms import current_platform  # resolving the platform: only once enabled
+
+    if engine_args.distributed_executor_backend == "ray" and current_platform.is_cpu():
+        raise ValueError(
+            "vLLM's Ray executor (--distributed-executor-backend ray) does not run on the CPU "
+            "backend; drop that option: vLLM's default multiprocessing executor runs "
+            "--tensor-parallel-size and --data-parallel-size on one machine"
+        )
+
+
 def _choose_runner_and_scheduling(engine_args: Any) -> None:
     """UniPrefill runs in the V1 model runner, with a synchronous scheduler.
 
@@ -201,6 +214,7 @@ def wrap_create_engine_config(original: Callable[..., Any]) -> Callable[..., Any
             return original(self, *args, **kwargs)
         _claim(self, "scheduler_cls", SCHEDULER_CLS, unset=None)
         _claim(self, "worker_extension_cls", WORKER_EXTENSION_CLS, unset="")
+        _check_executor(self)
         _choose_runner_and_scheduling(self)
         # vLLM fills its defaults into these fields: note what the user set first.
         user_set = {name: getattr(self, name) for name in ADJUSTED}
