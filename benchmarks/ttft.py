@@ -357,7 +357,7 @@ class OfflineEngine(Engine):
         return effective(self.llm.llm_engine.vllm_config)
 
     def recent_prunes(self) -> list[dict]:
-        (state,) = self.llm.collective_rpc("uniprefill_requests")
+        state = self.llm.collective_rpc("uniprefill_requests")[0]  # every TP rank keeps alike
         return state["recent"]
 
     def close(self) -> None:
@@ -433,16 +433,20 @@ class ServedEngine(Engine):
     def recent_prunes(self) -> list[dict]:
         url = f"{self.url}/collective_rpc"
         reply = self.httpx.post(url, json={"method": "uniprefill_requests"}, timeout=60)
-        (state,) = reply.json()["results"]
+        state = reply.json()["results"][0]  # every TP rank keeps alike
         return state["recent"]
 
     def close(self) -> None:
         serve.stop(self.proc)
 
 
-def engine_args(baseline: str, dtype: str, max_len: int, settings: dict) -> dict[str, dict]:
+def engine_args(
+    baseline: str, dtype: str, max_len: int, settings: dict, tensor_parallel_size: int = 1
+) -> dict[str, dict]:
     """Each engine's arguments: vLLM's defaults (stock), or eager, uncached, one step (matched)."""
     args: dict[str, Any] = dict(dtype=dtype, max_model_len=max_len, seed=0)
+    if tensor_parallel_size > 1:
+        args["tensor_parallel_size"] = tensor_parallel_size
     if baseline == "matched":
         args |= dict(
             enforce_eager=True, enable_prefix_caching=False, max_num_batched_tokens=max_len
@@ -849,6 +853,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--uniprefill", default="{}", help="UniPrefill settings, JSON")
     parser.add_argument("--kv-cache-gib", type=int, default=2, help="per engine")
+    parser.add_argument("--tensor-parallel-size", type=int, default=1, help="both engines")
     parser.add_argument("--server-logs", default=str(RESULTS / "ttft-servers"))
     parser.add_argument("--json", help="write the rows here")
     parser.add_argument("--plot", help="write a PNG plot of the fresh rows here")
@@ -857,7 +862,8 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    os.environ.update(serve.serve_env(args.kv_cache_gib))  # offline engines read the same
+    tp = args.tensor_parallel_size  # offline engines read the same environment as servers
+    os.environ.update(serve.serve_env(args.kv_cache_gib, tensor_parallel_size=tp))
     path = str(models.prepare(args.model))
     from transformers import AutoConfig, AutoTokenizer
 
@@ -870,7 +876,7 @@ def main() -> None:
     resolved = settings.resolve(layer_types(text_config))
     longest = max(*args.input_lens, args.short_len) * 11 // 10  # prompts land within ~5%
     max_len = longest + max(args.output_len + QUESTION_TOKENS, args.decode_len)
-    per_engine = engine_args(args.baseline, args.dtype, max_len, resolved.to_dict())
+    per_engine = engine_args(args.baseline, args.dtype, max_len, resolved.to_dict(), tp)
     meta = {
         "model": args.model,
         "mode": args.mode,
