@@ -211,6 +211,21 @@ def running_server(
         serve.stop(proc)
 
 
+@contextmanager
+def tiny_llama_server(
+    model_dir: Path, log_path: Path, args: list[str], env: dict | None = None
+) -> Iterator[tuple[subprocess.Popen, int]]:
+    """`vllm serve` of tiny-llama (float32) with UniPrefill on loopback, with these arguments
+    and extra environment (each tensor-parallel rank gets its cores); yields (process, port)."""
+    port = serve.free_port()
+    cmd = serve.serve_command(str(model_dir), served_name="tiny-llama", host="127.0.0.1",
+                              port=port, dtype="float32", extra_args=args)  # fmt: skip
+    tp = serve.tensor_parallel_size(args)
+    env = serve.serve_env(kv_cache_gib=1, tensor_parallel_size=tp) | (env or {})
+    with running_server(cmd, env, log_path, port) as proc:
+        yield proc, port
+
+
 # ---- UniPrefill's metrics (uniprefill/vllm_glue/metrics.py) -----------------------------------
 
 PREFIX = "vllm:uniprefill_"

@@ -21,8 +21,8 @@ from tests.e2e.helpers import (
     TINY_SETTINGS,
     offline_llm,
     random_prompts,
-    running_server,
     served_metrics,
+    tiny_llama_server,
 )
 from uniprefill import plugin, serve
 
@@ -63,18 +63,8 @@ def test_tensor_parallel_size_the_heads_do_not_divide_fails_at_start(prepared):
 
 
 def test_served_tp2_per_request_controls_and_400s(prepared, tmp_path):
-    port = serve.free_port()
     args = ["--max-model-len", "4096", "--tensor-parallel-size", "2"]
-    cmd = serve.serve_command(
-        str(prepared("tiny-llama")),
-        served_name="tiny-llama",
-        host="127.0.0.1",
-        port=port,
-        dtype="float32",
-        extra_args=args,
-    )
-    env = serve.serve_env(kv_cache_gib=1, tensor_parallel_size=serve.tensor_parallel_size(args))
-    with running_server(cmd, env, tmp_path / "server.log", port):
+    with tiny_llama_server(prepared("tiny-llama"), tmp_path / "server.log", args) as (_, port):
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused")
 
         def complete(prompt, **xargs):
@@ -95,18 +85,9 @@ def test_served_tp2_per_request_controls_and_400s(prepared, tmp_path):
 
 
 def test_served_dp2_prunes_on_both_engines_alike(prepared, tmp_path):
-    port = serve.free_port()
     settings = json.dumps({"uniprefill": {"min_prompt_len": 256}})
     args = ["--max-model-len", "4096", "--data-parallel-size", "2", "--additional-config", settings]
-    cmd = serve.serve_command(
-        str(prepared("tiny-llama")),
-        served_name="tiny-llama",
-        host="127.0.0.1",
-        port=port,
-        dtype="float32",
-        extra_args=args,
-    )
-    with running_server(cmd, serve.serve_env(kv_cache_gib=1), tmp_path / "server.log", port):
+    with tiny_llama_server(prepared("tiny-llama"), tmp_path / "server.log", args) as (_, port):
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused")
         prompt = [(7 * i) % 900 + 10 for i in range(1500)]
 

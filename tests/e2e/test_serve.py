@@ -11,8 +11,8 @@ from tests.e2e.helpers import (
     lines_from,
     metrics_added,
     metrics_of,
-    running_server,
     served_metrics,
+    tiny_llama_server,
     worker_rpc,
 )
 from uniprefill import serve
@@ -22,18 +22,9 @@ ENGINE_ARGS = ["--max-model-len", "4096", "--enforce-eager"]
 
 @pytest.fixture(scope="module")
 def server(prepared, tmp_path_factory):
-    port = serve.free_port()
     log_path = tmp_path_factory.mktemp("serve") / "server.log"
-    cmd = serve.serve_command(
-        str(prepared("tiny-llama")),
-        served_name="tiny-llama",
-        host="127.0.0.1",
-        port=port,
-        dtype="float32",
-        extra_args=ENGINE_ARGS,
-    )
-    env = serve.serve_env(kv_cache_gib=1) | {"VLLM_SERVER_DEV_MODE": "1"}  # the status RPC
-    with running_server(cmd, env, log_path, port) as proc:
+    dev_mode = {"VLLM_SERVER_DEV_MODE": "1"}  # the status RPC
+    with tiny_llama_server(prepared("tiny-llama"), log_path, ENGINE_ARGS, dev_mode) as (proc, port):
         yield proc, port, log_path
 
 
