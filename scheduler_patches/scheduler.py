@@ -53,7 +53,7 @@ from uniprefill.vllm_glue.coupling import (
     raise_if_missing,
 )
 from uniprefill.vllm_glue.log import get_logger
-from uniprefill.vllm_glue.metrics import REPORT_ATTRIBUTE, STATS_FIELD
+from uniprefill.vllm_glue.metrics import REPORT_ATTRIBUTE, STATS_FIELD, new_report
 from uniprefill.vllm_glue.patches import applied_patches
 
 logger = get_logger(__name__)
@@ -69,7 +69,7 @@ class UniPrefillScheduler(Scheduler):
         self.held_tokens: dict[str, int] = {}  # pruned prompts in chunks -> prompt tokens
         self.breaks = question_breaks(self.uniprefill, vllm_config.model_config)
         # The workers' reports (pruned prompts, selection times) since the last stats.
-        self.unreported: dict[str, list] = {"prompts": [], "selection_s": []}
+        self.unreported = new_report()
         # Block hashes of recently pruned prompts, oldest first (they never enter the cache);
         # kept only where a repeat of one is filled into the cache.
         self.recently_pruned: OrderedDict[str, frozenset[Any]] = OrderedDict()
@@ -220,7 +220,7 @@ class UniPrefillScheduler(Scheduler):
         stats = super().make_stats(*args, **kwargs)
         if stats is not None and any(self.unreported.values()):
             setattr(stats, STATS_FIELD, self.unreported)
-            self.unreported = {"prompts": [], "selection_s": []}
+            self.unreported = new_report()
         return stats
 
     def _free_request(self, request: Request, *args: Any, **kwargs: Any) -> Any:

@@ -39,6 +39,12 @@ KEPT_SHARE_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 SELECTION_SECONDS_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 
+def new_report() -> dict[str, list]:
+    """An empty report: pruned prompts (accounting.pruned_prompt records), and the selection's
+    seconds per scoring step. Workers fill one per step, the scheduler gathers them for stats."""
+    return {"prompts": [], "selection_s": []}
+
+
 def uniprefill_enabled(vllm_config: Any) -> bool:
     settings = (vllm_config.additional_config or {}).get(CONFIG_KEY)
     return settings is not None and settings.get("enabled", True) is not False

@@ -61,7 +61,7 @@ from uniprefill.vllm_glue.coupling import (
     runner_missing_attributes,
 )
 from uniprefill.vllm_glue.log import get_logger
-from uniprefill.vllm_glue.metrics import REPORT_ATTRIBUTE
+from uniprefill.vllm_glue.metrics import REPORT_ATTRIBUTE, new_report
 from uniprefill.vllm_glue.stage_metadata import install_stage_metadata, layers_by_stage
 from uniprefill.vllm_glue.step_plan import (
     ScheduledRequest,
@@ -142,8 +142,7 @@ class Pruner:
         self.held: dict[str, Held] = {}  # chunked pruned prompts whose last chunk is to come
         self.depth = runner.model_config.hf_text_config.num_hidden_layers
         self.recent: deque[dict] = deque(maxlen=RECENT_PRUNES)  # accounting.pruned_prompt
-        self.unreported: list[dict] = []  # pruned prompts not yet sent to the scheduler
-        self.selection_s: list[float] = []  # per scoring step not yet sent: selection seconds
+        self.unreported = new_report()  # not yet sent to the scheduler
         self.eager_steps = 0  # steps that scored or held prompts, run outside the compiled graph
         self.forward: _PrunedForward | None = None
         self.layers = _decoder_layers(runner.model, runner.model_config)
@@ -329,7 +328,7 @@ class Pruner:
             context.skip_compiled = skipping
         self.eager_steps += 1
         if pruned.selection_s:  # not a step that only held chunks
-            self.selection_s.append(pruned.selection_s)
+            self.unreported["selection_s"].append(pruned.selection_s)
         kept_rows = pruned.stages[-1].kept_rows
         if kept_rows is not None:  # back to the step's rows; held rows have none
             full = hidden.new_zeros((positions.shape[0], *hidden.shape[1:]))
@@ -346,15 +345,13 @@ class Pruner:
             kept = [prompt_len] + [prompt_len - o for o in offsets]
             record = pruned_prompt(req_id, kept, self.drops, self.depth)
             self.recent.append(record)
-            self.unreported.append(record)
+            self.unreported["prompts"].append(record)
 
     def take_report(self) -> dict | None:
-        """What pruning did since the last report (pruned prompts, selection seconds per scoring
-        step), or None if nothing."""
-        if not self.unreported and not self.selection_s:
+        """What pruning did since the last report (metrics.new_report), or None if nothing."""
+        if not any(self.unreported.values()):
             return None
-        report = {"prompts": self.unreported, "selection_s": self.selection_s}
-        self.unreported, self.selection_s = [], []
+        report, self.unreported = self.unreported, new_report()
         return report
 
     def forget(self, req_ids: Any) -> None:
