@@ -8,7 +8,7 @@ MODEL ?= qwen2.5-coder-0.5b-instruct
 DTYPE ?=
 PYTEST_ARGS ?=
 # What `make install` installs; the extras checked by tests/unit/test_lock.py.
-EXTRAS := cpu,models,test,bench
+EXTRAS := cpu,models,test,bench,ray
 # On AMD CPUs with AVX-512, vLLM runs its ZenCpuPlatform when zentorch is installed (the `zen`
 # extra): install it there, so the suite runs on the platform users of such CPUs get.
 ZEN := $(shell grep -qs AuthenticAMD /proc/cpuinfo && grep -qs avx512 /proc/cpuinfo && echo ,zen)

@@ -26,7 +26,7 @@ EXCLUDED = {"pip", "uniprefill", "vllm"}
 
 HEADER = """\
 # pip constraints for `make install` / `make serve` / `make test`: every package that
-# `pip install -e ".[cpu,models,test,bench,zen]"` installs, at the versions tested together
+# `pip install -e ".[cpu,models,test,bench,ray,zen]"` installs, at the versions tested together
 # (CPython 3.11, Linux x86-64, vLLM CPU backend). torch 2.13.0+cpu comes from PyTorch's CPU wheel
 # index (https://download.pytorch.org/whl/cpu), everything else from PyPI.
 # torchaudio, torchcodec and torchvision are pinned only to keep pip's resolution deterministic:
