@@ -18,7 +18,7 @@ from uniprefill import serve
 
 # vLLM's CPU Gated DeltaNet kernels run only in bfloat16; the other tiny families run in float32,
 # where vLLM and transformers agree token for token.
-VLLM_DTYPE = {"tiny-qwen3-next": "bfloat16"}
+VLLM_DTYPE = {"tiny-qwen3-next": "bfloat16", "tiny-qwen3-next-2kh": "bfloat16"}
 
 
 # Relative error of a block's mass between vLLM's kernels and the reference path's

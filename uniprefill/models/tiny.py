@@ -74,6 +74,23 @@ _GEMMA3_LAYERS = ["sliding_attention", "sliding_attention", "full_attention"] * 
 # Every 2nd layer full attention (the real model has every 4th): on vLLM CPU a GDN layer costs far
 # more than a full-attention one at this size (BF16 conv fallback), so fewer keep prefill fast.
 _QWEN3_NEXT_LAYERS = ["linear_attention", "full_attention"] * 4
+_QWEN3_NEXT: dict[str, Any] = {
+    "model_type": "qwen3_next",
+    "num_hidden_layers": len(_QWEN3_NEXT_LAYERS),
+    "layer_types": _QWEN3_NEXT_LAYERS,
+    # Two value heads share each key head, as in the real model (16 key / 32 value heads);
+    # few heads because the GDN kernel dominates prefill time on CPU.
+    "linear_num_key_heads": 1,
+    "linear_num_value_heads": 2,
+    # vLLM's CPU GDN kernel needs key dim == value dim, 64 or 128 (and runs only in bfloat16).
+    "linear_key_head_dim": 64,
+    "linear_value_head_dim": 64,
+    "linear_conv_kernel_dim": 4,
+    "num_experts": 4,
+    "num_experts_per_tok": 2,
+    "moe_intermediate_size": 64,
+    "shared_expert_intermediate_size": 64,
+}
 
 TINY: tuple[ModelSpec, ...] = (
     _spec(
@@ -106,20 +123,13 @@ TINY: tuple[ModelSpec, ...] = (
         "Qwen3NextForCausalLM",
         "Random Qwen3-Next: 8 layers alternating Gated DeltaNet and full attention, "
         "MoE with 4 experts (top-2) plus a shared expert",
-        model_type="qwen3_next",
-        num_hidden_layers=len(_QWEN3_NEXT_LAYERS),
-        layer_types=_QWEN3_NEXT_LAYERS,
-        # Two value heads share each key head, as in the real model (16 key / 32 value heads);
-        # few heads because the GDN kernel dominates prefill time on CPU.
-        linear_num_key_heads=1,
-        linear_num_value_heads=2,
-        # vLLM's CPU GDN kernel needs key dim == value dim, 64 or 128 (and runs only in bfloat16).
-        linear_key_head_dim=64,
-        linear_value_head_dim=64,
-        linear_conv_kernel_dim=4,
-        num_experts=4,
-        num_experts_per_tok=2,
-        moe_intermediate_size=64,
-        shared_expert_intermediate_size=64,
+        **_QWEN3_NEXT,
+    ),
+    _spec(
+        "tiny-qwen3-next-2kh",
+        "Qwen3NextForCausalLM",
+        "tiny-qwen3-next with 2 linear-attention key heads (4 value heads): tensor parallelism "
+        "splits them over 2 ranks",
+        **{**_QWEN3_NEXT, "linear_num_key_heads": 2, "linear_num_value_heads": 4},
     ),
 )
