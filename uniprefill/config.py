@@ -19,8 +19,12 @@ FULL_ATTENTION = "full_attention"
 LINEAR_ATTENTION = "linear_attention"
 REPEATED_PREFIX = ("fill", "prune")  # UniPrefillConfig.repeated_prefix
 QUERIES = ("last_q", "question")  # UniPrefillConfig.queries
+# Drop layers chosen from the model's depth: (first drop at depth // a, spacing depth // b).
+DROP_LAYER_RULES = {"auto": (4, 6), "early": (8, 8)}
 # Named settings: `{"preset": "paper"}` is the paper's rule with its defaults; keys given next to
-# a preset override it.
+# a preset override it. "fast": six drop layers from an eighth of the depth, scored by the
+# question, 16-token blocks: a larger token-layer ideal on real text for more lost answers
+# (docs/benchmarks.md, "Selection policies on real text").
 PRESETS = {
     "paper": {
         "p": 0.99,
@@ -28,7 +32,8 @@ PRESETS = {
         "sink": 128,
         "last_q": 128,
         "normalize_over": "all_blocks",
-    }
+    },
+    "fast": {"drop_layers": "early", "queries": "question", "block_size": 16},
 }
 
 
@@ -46,8 +51,9 @@ class UniPrefillConfig:
         chat or document prompt's question starts) within its last max_queries tokens, at least
         last_q; a prompt with no such break is scored by its last last_q (uniprefill.requests).
     max_queries: the most tokens "question" scores with (a longer last paragraph: last_q).
-    drop_layers: "auto" (chosen from the model's layer kinds) or explicit layer indices; each
-        must be a full-attention layer.
+    drop_layers: "auto" (chosen from the model's layer kinds: auto_drop_layers), "early" (the
+        same from an eighth of the depth, every eighth) or explicit layer indices; each must be
+        a full-attention layer.
     min_prompt_len: prompts shorter than this are never pruned.
     normalize_over: "all_blocks" (the paper) or "unforced_blocks" (see ops/select/rule.py).
     cached_share: a prompt whose prefix-cache hit covers at least this share of it (or leaves
@@ -159,8 +165,9 @@ class UniPrefillConfig:
 
         Raises ValueError when an explicit layer is out of range or not full attention.
         """
-        if self.drop_layers == "auto":
-            return dataclasses.replace(self, drop_layers=auto_drop_layers(layer_types))
+        if isinstance(self.drop_layers, str):
+            chosen = auto_drop_layers(layer_types, self.drop_layers)
+            return dataclasses.replace(self, drop_layers=chosen)
         depth = len(layer_types)
         for layer in self.drop_layers:
             if layer >= depth:
@@ -178,13 +185,14 @@ class UniPrefillConfig:
 
 
 def _check_drop_layers(drop_layers: object) -> None:
-    if drop_layers == "auto":
+    if drop_layers in DROP_LAYER_RULES:
         return
     if not isinstance(drop_layers, tuple) or not all(
         isinstance(x, int) and not isinstance(x, bool) for x in drop_layers
     ):
         raise ValueError(
-            f'uniprefill.drop_layers must be "auto" or a list of layer indices, got {drop_layers!r}'
+            f"uniprefill.drop_layers must be one of {list(DROP_LAYER_RULES)} or a list of layer "
+            f"indices, got {drop_layers!r}"
         )
     if any(x < 0 for x in drop_layers):
         raise ValueError(f"uniprefill.drop_layers must be non-negative, got {list(drop_layers)}")
@@ -194,16 +202,18 @@ def _check_drop_layers(drop_layers: object) -> None:
         )
 
 
-def auto_drop_layers(layer_types: Sequence[str]) -> tuple[int, ...]:
-    """Full-attention layers from a quarter of the depth on, spaced about a sixth of it apart,
-    leaving the last eighth alone (e.g. 24 layers -> 6, 10, 14, 18; 32 -> 8, 13, 18, 23).
+def auto_drop_layers(layer_types: Sequence[str], rule: str = "auto") -> tuple[int, ...]:
+    """ "auto": full-attention layers from a quarter of the depth on, spaced about a sixth of it
+    apart, leaving the last eighth alone (e.g. 24 layers -> 6, 10, 14, 18; 32 -> 8, 13, 18, 23).
+    "early": from an eighth of the depth, an eighth apart (24 -> 3, 6, 9, 12, 15, 18).
 
     A drop layer also needs a full-attention layer before it: the scoring queries must already
     have seen the whole prompt. Gemma-3-270M's first global layer (5) follows only sliding
     layers; dropping there lost the passkey on every prompt tried (docs/benchmarks.md).
     """
     depth = len(layer_types)
-    first, spacing, end = depth // 4, max(2, depth // 6), depth - depth // 8
+    first_div, spacing_div = DROP_LAYER_RULES[rule]
+    first, spacing, end = depth // first_div, max(2, depth // spacing_div), depth - depth // 8
     chosen: list[int] = []
     seen_full = FULL_ATTENTION in layer_types[:first]
     for layer in range(first, end):

@@ -159,7 +159,7 @@ def generate(
 def _generate(
     runner: _Runner, input_ids, config, max_new_tokens, backend, keep_positions, capture, breaks
 ) -> ReferenceResult:
-    if config is not None and config.drop_layers == "auto":
+    if config is not None and isinstance(config.drop_layers, str):
         raise ValueError("resolve the config first: config.resolve(layer_types(model.config))")
     drop_layers = frozenset(config.drop_layers) if config and config.enabled else frozenset()
     device = runner.model.device

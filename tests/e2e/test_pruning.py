@@ -159,6 +159,26 @@ def test_pruned_requests_keep_what_the_reference_keeps_and_say_the_same(engine, 
         assert determined >= len(batch) - 1
 
 
+def test_fast_preset_drops_earlier_and_keeps_what_the_reference_keeps(family):
+    """The `fast` preset's drop layers (from an eighth of the depth, every eighth) in the engine,
+    against the reference path, for each family (TINY_SETTINGS' values for the rest)."""
+    name, model_dir = family
+    settings = {"preset": "fast", **TINY_SETTINGS}
+    batch = asking()
+    with _llm(model_dir, max_num_batched_tokens=STEP_BUDGET,
+              additional_config={"uniprefill": settings}) as llm:  # fmt: skip
+        resolved = llm.llm_engine.vllm_config.additional_config["uniprefill"]["drop_layers"]
+        outputs = llm.generate([{"prompt_token_ids": p} for p in batch], greedy())
+        _, recent = live_and_recent(llm)
+    kinds = layer_types(AutoConfig.from_pretrained(model_dir))
+    assert resolved == list(UniPrefillConfig.from_dict(settings).resolve(kinds).drop_layers)
+    assert resolved[0] < UniPrefillConfig().resolve(kinds).drop_layers[0]
+    kept = [recent.get(out.request_id) for out in outputs]
+    assert all(len(k) == len(resolved) + 1 for k in kept if k is not None)
+    assert sum(k is not None and k[-1] < k[0] for k in kept) >= 2
+    check_against_reference(model_dir, batch, settings, kept, tokens_of(outputs))
+
+
 def test_metrics_count_what_the_worker_pruned(engine):
     """Offline, `LLM.get_metrics()` carries UniPrefill's metrics (stats on): what a batch adds
     equals the worker's own records of the prompts it pruned, which rode from the worker process

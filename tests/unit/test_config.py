@@ -26,7 +26,7 @@ def test_defaults_follow_the_paper_rule():
         ({"last_q": -5}, "last_q must be a non-negative integer"),
         ({"last_q": 0}, "last_q must be at least 1"),
         ({"min_prompt_len": -1}, "min_prompt_len must be a non-negative integer"),
-        ({"drop_layers": "some"}, 'drop_layers must be "auto" or a list'),
+        ({"drop_layers": "some"}, r"drop_layers must be one of \['auto', 'early'\] or a list"),
         ({"drop_layers": [-1]}, "drop_layers must be non-negative"),
         ({"drop_layers": [5, 3]}, "strictly increasing"),
         ({"enabled": "yes"}, "enabled must be true or false"),
@@ -104,6 +104,23 @@ def test_paper_preset_is_the_papers_rule_and_explicit_keys_win():
     assert paper.normalize_over == "all_blocks"
     assert UniPrefillConfig.from_dict({"preset": "paper", "p": 0.95}).p == 0.95
     with pytest.raises(
-        ValueError, match="unknown uniprefill preset 'fast'; presets: \\['paper'\\]"
+        ValueError, match="unknown uniprefill preset 'quick'; presets: \\['paper', 'fast'\\]"
     ):
-        UniPrefillConfig.from_dict({"preset": "fast"})
+        UniPrefillConfig.from_dict({"preset": "quick"})
+
+
+@pytest.mark.parametrize(
+    ("kinds", "expected"),
+    [
+        ([FULL] * 24, (3, 6, 9, 12, 15, 18)),  # Qwen2.5-0.5B
+        ([FULL] * 32, (4, 8, 12, 16, 20, 24)),  # Llama-3.1-8B
+        ([FULL if i % 6 == 5 else SLIDING for i in range(18)], (11,)),  # Gemma-3-270M
+        ([FULL if i % 4 == 3 else LINEAR for i in range(48)], (7, 15, 23, 31, 39)),  # Qwen3-Next
+    ],
+    ids=["qwen2.5-24", "llama-32", "gemma3-18", "qwen3next-48"],
+)
+def test_fast_preset_drops_from_an_eighth_of_the_depth_by_the_question(kinds, expected):
+    fast = UniPrefillConfig.from_dict({"preset": "fast"}).resolve(kinds)
+    assert fast.drop_layers == expected == auto_drop_layers(kinds, "early")
+    assert (fast.queries, fast.block_size, fast.p) == ("question", 16, 0.99)
+    assert UniPrefillConfig.from_dict({"preset": "fast", "p": 0.995}).p == 0.995
