@@ -159,9 +159,10 @@ def test_pruned_requests_keep_what_the_reference_keeps_and_say_the_same(engine, 
         assert determined >= len(batch) - 1
 
 
-def test_fast_preset_drops_earlier_and_keeps_what_the_reference_keeps(family):
-    """The `fast` preset's drop layers (from an eighth of the depth, every eighth) in the engine,
-    against the reference path, for each family (TINY_SETTINGS' values for the rest)."""
+def test_fast_preset_in_the_engine_keeps_what_the_reference_keeps(family):
+    """The `fast` preset's drop layers (from an eighth of the depth, every eighth; on tiny-gemma3
+    the same as "auto": its first global layer follows only sliding ones) in the engine, against
+    the reference path, for each family (TINY_SETTINGS' values for the rest)."""
     name, model_dir = family
     settings = {"preset": "fast", **TINY_SETTINGS}
     batch = asking()
@@ -172,7 +173,7 @@ def test_fast_preset_drops_earlier_and_keeps_what_the_reference_keeps(family):
         _, recent = live_and_recent(llm)
     kinds = layer_types(AutoConfig.from_pretrained(model_dir))
     assert resolved == list(UniPrefillConfig.from_dict(settings).resolve(kinds).drop_layers)
-    assert resolved[0] < UniPrefillConfig().resolve(kinds).drop_layers[0]
+    assert resolved[0] <= UniPrefillConfig().resolve(kinds).drop_layers[0]
     kept = [recent.get(out.request_id) for out in outputs]
     assert all(len(k) == len(resolved) + 1 for k in kept if k is not None)
     assert sum(k is not None and k[-1] < k[0] for k in kept) >= 2
