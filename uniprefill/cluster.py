@@ -97,7 +97,7 @@ class ClusterBatch:
         if len(envs) != len(placements):
             raise ValueError(f"env has {len(envs)} mappings for {len(placements)} engines")
         actor = ray.remote(_Engine)
-        self.engines = [
+        self.engines: list = [
             actor.options(
                 num_cpus=cpus_per_engine,
                 scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False),
@@ -105,14 +105,23 @@ class ClusterBatch:
             ).remote(dict(llm_kwargs))
             for node, engine_env in zip(placements, envs, strict=True)
         ]
-        ray.get([engine.__ray_ready__.remote() for engine in self.engines])  # engines started
+        try:
+            ray.get([engine.__ray_ready__.remote() for engine in self.engines])  # engines up
+        except Exception:
+            for engine in self.engines:  # those that did start would hold their memory
+                ray.kill(engine)
+            raise
 
-    def _spread(self, method: str, prompts: Sequence[Any], params: Any) -> list:
-        prompts = list(prompts)
+    def _spread(self, method: str, prompts: list, params: Any) -> list:
+        """Each engine's share of the prompts (with their own params where given one per
+        prompt), then the outputs in the prompts' order."""
+        per_prompt = isinstance(params, Sequence)
         shares = deal([_size(p) for p in prompts], len(self.engines))
         work = [(e, share) for e, share in zip(self.engines, shares, strict=True) if share]
         calls = [
-            getattr(engine, method).remote([prompts[i] for i in share], params)
+            getattr(engine, method).remote(
+                [prompts[i] for i in share], [params[i] for i in share] if per_prompt else params
+            )
             for engine, share in work
         ]
         outputs: list = [None] * len(prompts)
@@ -122,12 +131,16 @@ class ClusterBatch:
         return outputs
 
     def generate(self, prompts: Sequence[Any], params: Any = None) -> list:
-        """`LLM.generate` over the cluster: one `RequestOutput` per prompt, in order."""
-        return self._spread("generate", prompts, params)
+        """`LLM.generate` over the cluster: one `RequestOutput` per prompt, in order. `params`:
+        one SamplingParams for all, or one per prompt."""
+        single = isinstance(prompts, str | Mapping)
+        return self._spread("generate", [prompts] if single else list(prompts), params)
 
     def chat(self, conversations: Sequence[Any], params: Any = None) -> list:
         """`LLM.chat` over the cluster: one `RequestOutput` per conversation, in order."""
-        return self._spread("chat", conversations, params)
+        conversations = list(conversations)
+        single = bool(conversations) and isinstance(conversations[0], Mapping)  # one, as LLM
+        return self._spread("chat", [conversations] if single else conversations, params)
 
     def collective_rpc(self, method: str) -> list[list]:
         """`LLM.collective_rpc(method)` on every engine, e.g. "uniprefill_requests"."""

@@ -92,7 +92,10 @@ def test_deal_balances_by_size_and_keeps_every_prompt_once():
 def test_cluster_batch_one_engine_a_node_gives_one_local_engines_tokens(cluster, prepared):
     model = str(prepared("tiny-llama"))
     prompts = [{"prompt_token_ids": p} for p in random_prompts(lengths=(1500, 40, 900, 300, 1200))]
-    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    greedy = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    off = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True,
+                         extra_args={"uniprefill_enabled": False})  # fmt: skip
+    params = [greedy, greedy, off, greedy, greedy]  # per prompt: the 900-token one unpruned
     env = {"VLLM_CPU_KVCACHE_SPACE": "1"}
     with ClusterBatch({"model": model, **ENGINE}, env=env) as batch:
         outputs = batch.generate(prompts, params)
@@ -107,4 +110,5 @@ def test_cluster_batch_one_engine_a_node_gives_one_local_engines_tokens(cluster,
     kept = sorted(r["kept"] for (worker,) in engines for r in worker["recent"])
     assert all(worker["recent"] for (worker,) in engines)  # both engines pruned
     assert kept == sorted(r["kept"] for r in local_worker["recent"])
-    assert len(kept) == 4 and all(k[-1] < k[0] for k in kept)  # all but the 40-token prompt
+    # all but the 40-token prompt and the one sent with pruning off
+    assert [k[0] for k in kept] == [300, 1200, 1500] and all(k[-1] < k[0] for k in kept)
