@@ -268,6 +268,8 @@ IMPORTS: dict[str, tuple[str, ...] | None] = {
         "engine_idx",
     ),
     "vllm.v1.metrics.utils:create_metric_per_engine": ("metric", "per_engine_labelvalues"),
+    # uniprefill.cluster: one public LLM per Ray actor, called as users call it
+    "vllm:LLM": None,
 }
 
 FIELDS: dict[str, tuple[str, ...]] = {
