@@ -10,8 +10,10 @@ Each prompt is a Python standard-library module with a question after it; long o
 """
 
 import argparse
+import fnmatch
 import inspect
 import json.decoder
+import shlex
 import textwrap
 
 import ray
@@ -26,16 +28,16 @@ if __name__ == "__main__":  # vLLM starts processes
     args = parser.parse_args()
     ray.init(address=args.address)
 
-    modules = [json.decoder, textwrap, argparse, inspect]
+    modules = [json.decoder, textwrap, shlex, fnmatch]
     conversations = [
         [{"role": "user", "content": f"```python\n{inspect.getsource(module)}\n```\n"
-                                     "Name the module's public classes. One line."}]
+                                     "List the module's public names. One line."}]
         for module in modules
     ]  # fmt: skip
     llm_kwargs = {
         "model": str(models.prepare("qwen2.5-coder-0.5b-instruct")),
         "dtype": serve.default_dtype(),  # float32 on CPUs without native bf16
-        "max_model_len": 32768,
+        "max_model_len": 8192,
         "additional_config": {"uniprefill": {}},  # the defaults
     }
     with ClusterBatch(llm_kwargs, env={"VLLM_CPU_KVCACHE_SPACE": "4"}) as batch:
