@@ -85,7 +85,7 @@ def run(nodes: int, args: argparse.Namespace, llm_kwargs: dict, batch: list) -> 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="qwen2.5-coder-0.5b-instruct")
-    parser.add_argument("--dtype", default=None, help="default: bfloat16 where the CPU has it")
+    parser.add_argument("--dtype", help="default: auto, float32 where the CPU has no native bf16")
     parser.add_argument("--prompts", type=int, default=16)
     parser.add_argument("--tokens", type=int, default=2048, help="each prompt's length")
     parser.add_argument("--max-tokens", type=int, default=16)
