@@ -23,6 +23,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from uniprefill import models
 from uniprefill.config import UniPrefillConfig
+from uniprefill.families import layer_types
 from uniprefill.reference import generate
 
 WORDS_PER_TOKEN = 0.75  # English prose with this tokenizer, to size the haystack
@@ -65,8 +66,12 @@ def run_sample(model, tokenizer, ids, answer_tokens, sample, config) -> dict:
 NORMALIZE = {"all": "all_blocks", "unforced": "unforced_blocks"}
 
 
-def parse_setting(spec: str) -> UniPrefillConfig:
-    """`DROPS/P/LAST_Q/all|unforced`, e.g. `6,10,14,18/0.99/128/all` (the paper's rule)."""
+def parse_setting(spec: str, kinds: list[str]) -> UniPrefillConfig:
+    """`DROPS/P/LAST_Q/all|unforced`, e.g. `6,10,14,18/0.99/128/all` (the paper's rule), or a
+    JSON object of UniPrefill settings as an engine takes them, e.g. `{"preset": "fast"}`."""
+    if spec.startswith("{"):
+        config = UniPrefillConfig.from_dict({"min_prompt_len": 0, **json.loads(spec)})
+        return config.resolve(kinds)
     drops, p, last_q, norm = spec.split("/")
     layers = tuple(int(x) for x in drops.split(","))
     return UniPrefillConfig(
@@ -78,12 +83,12 @@ def parse_setting(spec: str) -> UniPrefillConfig:
     )
 
 
-def settings(args) -> dict[str, UniPrefillConfig | None]:
+def settings(args, kinds: list[str]) -> dict[str, UniPrefillConfig | None]:
     specs = args.settings or [
         "/".join(map(str, combo))
         for combo in itertools.product(args.drop_sets, args.p, args.last_q, args.normalize_over)
     ]
-    return {"baseline": None} | {spec: parse_setting(spec) for spec in specs}
+    return {"baseline": None} | {spec: parse_setting(spec, kinds) for spec in specs}
 
 
 def summarize(name: str, runs: list[dict], baseline: list[dict]) -> dict:
@@ -121,7 +126,7 @@ def main() -> None:
     parser.add_argument(
         "--settings",
         nargs="+",
-        help="explicit DROPS/P/LAST_Q/all|unforced list (overrides the grid)",
+        help="explicit DROPS/P/LAST_Q/all|unforced or JSON settings list (overrides the grid)",
     )
     parser.add_argument("--json", help="write every run and the summary here")
     args = parser.parse_args()
@@ -129,7 +134,7 @@ def main() -> None:
     path = models.prepare(args.model)
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    grid = settings(args)
+    grid = settings(args, layer_types(model.config))
     runs: dict[str, list[dict]] = defaultdict(list)
     cases = itertools.product(args.tasks, args.lengths, args.depths, range(args.samples))
     for task, length, depth, seed in cases:

@@ -8,6 +8,7 @@ operator's `SelectionRule` (importing it loads torch).
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -24,8 +25,10 @@ DROP_LAYER_RULES = {"auto": (4, 6), "early": (8, 8)}
 # Named settings: `{"preset": "paper"}` is the paper's rule with its defaults; keys given next to
 # a preset override it. "fast": six drop layers from an eighth of the depth, scored by the
 # question, 16-token blocks: a larger token-layer ideal on real text for more lost answers
-# (docs/benchmarks.md, "Selection policies on real text").
+# (docs/benchmarks.md, "Selection policies on real text"). "default": the built-in defaults
+# (a request on a server started with another preset may ask for them).
 PRESETS = {
+    "default": {},
     "paper": {
         "p": 0.99,
         "block_size": 64,
@@ -33,8 +36,18 @@ PRESETS = {
         "last_q": 128,
         "normalize_over": "all_blocks",
     },
-    "fast": {"drop_layers": "early", "queries": "question", "block_size": 16},
+    "fast": {"drop_layers": "early", "queries": "question", "block_size": 16, "p": 0.99},
 }
+# The settings that shape a prompt's stages for the whole engine: a request may not change them.
+ENGINE_WIDE_POLICY = (
+    "drop_layers",
+    "block_size",
+    "sink",
+    "last_q",
+    "queries",
+    "max_queries",
+    "normalize_over",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,6 +195,21 @@ class UniPrefillConfig:
                     f"tokens are scored only at full-attention layers: {full}"
                 )
         return self
+
+    def preset_mismatch(self, preset: str, layer_types: Sequence[str]) -> list[str]:
+        """How preset `preset` differs from these (resolved) settings in what applies to the
+        whole engine (`ENGINE_WIDE_POLICY`); a request may ask for it only when nothing does."""
+        wanted = UniPrefillConfig.from_dict({"preset": preset}).resolve(layer_types)
+        return [
+            f"{name} {_as_json(getattr(wanted, name))} "
+            f"(this server: {_as_json(getattr(self, name))})"
+            for name in ENGINE_WIDE_POLICY
+            if getattr(wanted, name) != getattr(self, name)
+        ]
+
+
+def _as_json(value: object) -> str:
+    return json.dumps(list(value) if isinstance(value, tuple) else value)
 
 
 def _check_drop_layers(drop_layers: object) -> None:

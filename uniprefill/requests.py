@@ -1,7 +1,9 @@
 """Per-request UniPrefill controls, carried in vLLM's request extra args.
 
-HTTP: `"vllm_xargs": {"uniprefill_p": 0.9}` or `{"uniprefill_enabled": false}`;
-offline: `SamplingParams(extra_args={"uniprefill_p": 0.9})`.
+HTTP: `"vllm_xargs": {"uniprefill_p": 0.9}`, `{"uniprefill_preset": "fast"}` or
+`{"uniprefill_enabled": false}`; offline: `SamplingParams(extra_args={"uniprefill_p": 0.9})`.
+A request's preset sets only its p: the preset's other settings apply to the whole engine and
+must be the engine's (`UniPrefillConfig.preset_mismatch`, checked in the API server).
 
 `parse_request_controls` is strict (the API server turns its ValueError into HTTP 400);
 `request_p` is what the engine core and the workers use: they must agree on every request and
@@ -16,12 +18,13 @@ from dataclasses import dataclass
 from functools import cache
 from typing import Any
 
-from uniprefill.config import UniPrefillConfig
+from uniprefill.config import PRESETS, UniPrefillConfig
 from uniprefill.ops.select.common import prunable_mask
 
 ENABLED_KEY = "uniprefill_enabled"
 P_KEY = "uniprefill_p"
-KEYS = (ENABLED_KEY, P_KEY)
+PRESET_KEY = "uniprefill_preset"
+KEYS = (ENABLED_KEY, P_KEY, PRESET_KEY)
 _TRUE, _FALSE = (True, 1, "true", "1"), (False, 0, "false", "0")
 
 
@@ -64,6 +67,14 @@ def parse_request_controls(extra_args: Mapping[str, Any] | None) -> float | None
             raise RequestFieldError(P_KEY, f"{P_KEY} must be a number in (0, 1], got {value!r}")
         if p is None:  # an explicit "off" wins over a p
             p = number
+    if PRESET_KEY in args:
+        name = args[PRESET_KEY]
+        if not isinstance(name, str) or name not in PRESETS:
+            raise RequestFieldError(
+                PRESET_KEY, f"{PRESET_KEY} must be one of {list(PRESETS)}, got {name!r}"
+            )
+        if p is None:  # an explicit p or "off" wins over the preset's
+            p = UniPrefillConfig.from_dict({"preset": name}).p
     return p
 
 

@@ -104,7 +104,8 @@ def test_paper_preset_is_the_papers_rule_and_explicit_keys_win():
     assert paper.normalize_over == "all_blocks"
     assert UniPrefillConfig.from_dict({"preset": "paper", "p": 0.95}).p == 0.95
     with pytest.raises(
-        ValueError, match="unknown uniprefill preset 'quick'; presets: \\['paper', 'fast'\\]"
+        ValueError,
+        match="unknown uniprefill preset 'quick'; presets: \\['default', 'paper', 'fast'\\]",
     ):
         UniPrefillConfig.from_dict({"preset": "quick"})
 
@@ -124,3 +125,22 @@ def test_fast_preset_drops_from_an_eighth_of_the_depth_by_the_question(kinds, ex
     assert fast.drop_layers == expected == auto_drop_layers(kinds, "early")
     assert (fast.queries, fast.block_size, fast.p) == ("question", 16, 0.99)
     assert UniPrefillConfig.from_dict({"preset": "fast", "p": 0.995}).p == 0.995
+
+
+def test_a_preset_matches_an_engine_only_in_its_engine_wide_settings():
+    kinds = [FULL] * 24
+    default = UniPrefillConfig().resolve(kinds)
+    fast = UniPrefillConfig.from_dict({"preset": "fast"}).resolve(kinds)
+    assert default.preset_mismatch("default", kinds) == []
+    assert fast.preset_mismatch("fast", kinds) == []
+    # p is per request, and so are the settings no preset touches
+    assert (
+        UniPrefillConfig(p=0.5, min_prompt_len=10).resolve(kinds).preset_mismatch("default", kinds)
+        == []
+    )
+    assert fast.preset_mismatch("paper", kinds) == [
+        "drop_layers [6, 10, 14, 18] (this server: [3, 6, 9, 12, 15, 18])",
+        "block_size 64 (this server: 16)",
+        "last_q 128 (this server: 16)",
+        'queries "last_q" (this server: "question")',
+    ]

@@ -31,6 +31,10 @@ CONFIG = UniPrefillConfig(p=0.95, drop_layers=(2, 4), sink=16, last_q=16, min_pr
         ({"uniprefill_enabled": True}, None),
         ({"uniprefill_enabled": "true", "uniprefill_p": 0.8}, 0.8),
         ({"uniprefill_enabled": False, "uniprefill_p": 0.8}, 1.0),  # off wins
+        ({"uniprefill_preset": "fast"}, 0.99),
+        ({"uniprefill_preset": "default"}, UniPrefillConfig().p),
+        ({"uniprefill_preset": "fast", "uniprefill_p": 0.5}, 0.5),  # an explicit p wins
+        ({"uniprefill_preset": "fast", "uniprefill_enabled": False}, 1.0),
     ],
 )
 def test_valid_controls(extra_args, p):
@@ -48,6 +52,8 @@ def test_valid_controls(extra_args, p):
         ({"uniprefill_enabled": "yes"}, "uniprefill_enabled must be true or false"),
         ({"uniprefill_enabled": 0.0}, "uniprefill_enabled must be true or false"),
         ({"uniprefill_P": 0.5}, r"unknown UniPrefill request field\(s\) \['uniprefill_P'\]"),
+        ({"uniprefill_preset": "quick"}, r"uniprefill_preset must be one of \['default', 'paper'"),
+        ({"uniprefill_preset": None}, "uniprefill_preset must be one of"),
     ],
 )
 def test_invalid_controls_name_the_field(extra_args, message):
@@ -64,6 +70,8 @@ def test_request_p_defaults_overrides_and_never_fails():
     assert request_p(CONFIG, params()) == 0.95
     assert request_p(CONFIG, params({"uniprefill_p": 0.5})) == 0.5
     assert request_p(CONFIG, params({"uniprefill_p": 7})) == 1.0  # invalid: not pruned
+    assert request_p(CONFIG, params({"uniprefill_preset": "paper"})) == 0.99
+    assert request_p(CONFIG, params({"uniprefill_preset": "quick"})) == 1.0
     assert request_p(CONFIG, params(prompt_logprobs=1)) == 1.0  # needs every prompt row
     assert request_p(UniPrefillConfig(enabled=False, drop_layers=(2,)), params()) == 1.0
     assert request_p(UniPrefillConfig(drop_layers=()), params()) == 1.0
