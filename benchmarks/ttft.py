@@ -876,6 +876,7 @@ def main() -> None:
     resolved = settings.resolve(layer_types(text_config))
     longest = max(*args.input_lens, args.short_len) * 11 // 10  # prompts land within ~5%
     max_len = longest + max(args.output_len + QUESTION_TOKENS, args.decode_len)
+    max_len = min(max_len, text_config.max_position_embeddings)  # 32K prompts on a 32K model
     per_engine = engine_args(args.baseline, args.dtype, max_len, resolved.to_dict(), tp)
     meta = {
         "model": args.model,

@@ -30,6 +30,8 @@ DROP_LAYER_RULES = {"auto": (4, 6), "early": (8, 8)}
 PRESETS = {
     "default": {},
     "paper": {
+        "drop_layers": "auto",
+        "queries": "last_q",
         "p": 0.99,
         "block_size": 64,
         "sink": 128,
