@@ -22,11 +22,10 @@ REPEATED_PREFIX = ("fill", "prune")  # UniPrefillConfig.repeated_prefix
 QUERIES = ("last_q", "question")  # UniPrefillConfig.queries
 # Drop layers chosen from the model's depth: (first drop at depth // a, spacing depth // b).
 DROP_LAYER_RULES = {"auto": (4, 6), "early": (8, 8)}
-# Named settings: `{"preset": "paper"}` is the paper's rule with its defaults; keys given next to
-# a preset override it. "fast": six drop layers from an eighth of the depth, scored by the
-# question, 16-token blocks: a larger token-layer ideal on real text for more lost answers
-# (docs/benchmarks.md, "Selection policies on real text"). "default": the built-in defaults
-# (a request on a server started with another preset may ask for them).
+# Named settings; keys given next to a preset override it. "paper": the paper's rule with its
+# defaults. "fast": the defaults at p 0.99, a larger token-layer ideal on real text for more lost
+# answers (docs/benchmarks.md, "Selection policies on real text"). "default": the built-in
+# defaults (a request on a server started with another preset may ask for them).
 PRESETS = {
     "default": {},
     "paper": {
@@ -66,9 +65,9 @@ class UniPrefillConfig:
         chat or document prompt's question starts) within its last max_queries tokens, at least
         last_q; a prompt with no such break is scored by its last last_q (uniprefill.requests).
     max_queries: the most tokens "question" scores with (a longer last paragraph: last_q).
-    drop_layers: "auto" (chosen from the model's layer kinds: auto_drop_layers), "early" (the
-        same from an eighth of the depth, every eighth) or explicit layer indices; each must be
-        a full-attention layer.
+    drop_layers: "early" (chosen from the model's layer kinds: from an eighth of the depth,
+        every eighth: auto_drop_layers), "auto" (from a quarter, every sixth) or explicit layer
+        indices; each must be a full-attention layer.
     min_prompt_len: prompts shorter than this are never pruned.
     normalize_over: "all_blocks" (the paper) or "unforced_blocks" (see ops/select/rule.py).
     cached_share: a prompt whose prefix-cache hit covers at least this share of it (or leaves
@@ -84,13 +83,15 @@ class UniPrefillConfig:
     """
 
     enabled: bool = True
-    p: float = 0.99
-    block_size: int = 64
+    # Defaults: the policy that lost the fewest answers for its speed on real text
+    # (docs/benchmarks.md, "Selection policies on real text"); last_q 16: the RULER study.
+    p: float = 0.995
+    block_size: int = 16
     sink: int = 128
-    last_q: int = 16  # the paper uses 128; docs/benchmarks.md (RULER study) for why 16
-    queries: str = "last_q"
+    last_q: int = 16
+    queries: str = "question"
     max_queries: int = 256
-    drop_layers: str | tuple[int, ...] = "auto"
+    drop_layers: str | tuple[int, ...] = "early"
     min_prompt_len: int = 1024
     normalize_over: str = "all_blocks"
     cached_share: float = 0.5

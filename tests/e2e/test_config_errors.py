@@ -51,7 +51,7 @@ def test_drop_layer_that_is_not_full_attention(prepared, name):
         _engine_config(model, {"drop_layers": [other]})
 
 
-def test_auto_drop_layers_are_full_attention(prepared):
+def test_default_drop_layers_are_full_attention(prepared):
     for name in ("tiny-gemma3", "tiny-qwen3-next"):
         model = prepared(name)
         resolved = _engine_config(model, {}).additional_config["uniprefill"]["drop_layers"]

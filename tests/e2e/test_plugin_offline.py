@@ -46,7 +46,7 @@ def test_plugin_loads_in_engine_core_and_worker_processes(runs):
     assert worker["pid"] != main_pid
     worker_scoped = {p.target for p in PATCHES if p.scope in ("plugin", "worker")}
     assert set(worker["patches"]) == worker_scoped  # no front-end patch in a worker
-    assert worker["config"]["drop_layers"] == [2, 4, 6]  # auto for 8 full-attention layers
+    assert worker["config"]["drop_layers"] == [1, 3, 5]  # "early" for 8 full-attention layers
 
     core = lines_from(log, "EngineCore", "UniPrefill scheduler active")
     assert len(core) == 1, log[-4000:]
@@ -60,6 +60,6 @@ def test_plugin_loads_in_engine_core_and_worker_processes(runs):
 
 def test_enabling_logs_resolved_settings_and_keeps_outputs(runs):
     result, log = runs["enabled"]
-    assert "UniPrefill active" in log and "'drop_layers': [2, 4, 6]" in log
+    assert "UniPrefill active" in log and "'drop_layers': [1, 3, 5]" in log
     # Short prompts are never pruned: same greedy tokens as without the plugin.
     assert result["tokens"] == runs["without"][0]["tokens"]

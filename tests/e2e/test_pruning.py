@@ -31,7 +31,7 @@ from tests.e2e.helpers import (
     vllm_dtype,
     with_question,
 )
-from uniprefill.config import UniPrefillConfig
+from uniprefill.config import UniPrefillConfig, auto_drop_layers
 from uniprefill.families import layer_types
 from uniprefill.requests import paragraph_breaks, scoring_queries
 from uniprefill.vllm_glue.pruning import pruner_of
@@ -159,12 +159,13 @@ def test_pruned_requests_keep_what_the_reference_keeps_and_say_the_same(engine, 
         assert determined >= len(batch) - 1
 
 
-def test_fast_preset_in_the_engine_keeps_what_the_reference_keeps(family):
-    """The `fast` preset's drop layers (from an eighth of the depth, every eighth; on tiny-gemma3
-    the same as "auto": its first global layer follows only sliding ones) in the engine, against
-    the reference path, for each family (TINY_SETTINGS' values for the rest)."""
+def test_auto_drop_layers_and_last_queries_in_the_engine_keep_what_the_reference_keeps(family):
+    """The settings the defaults moved away from (the `paper` preset's): "auto" drop layers (from
+    a quarter of the depth; on tiny-gemma3 the same as "early"), the last last_q tokens as
+    scoring queries, 64-token blocks, in the engine against the reference path, for each family
+    (TINY_SETTINGS' values for the rest)."""
     name, model_dir = family
-    settings = {"preset": "fast", **TINY_SETTINGS}
+    settings = {**TINY_SETTINGS, "drop_layers": "auto", "queries": "last_q", "block_size": 64}
     batch = asking()
     with _llm(model_dir, max_num_batched_tokens=STEP_BUDGET,
               additional_config={"uniprefill": settings}) as llm:  # fmt: skip
@@ -172,8 +173,8 @@ def test_fast_preset_in_the_engine_keeps_what_the_reference_keeps(family):
         outputs = llm.generate([{"prompt_token_ids": p} for p in batch], greedy())
         _, recent = live_and_recent(llm)
     kinds = layer_types(AutoConfig.from_pretrained(model_dir))
-    assert resolved == list(UniPrefillConfig.from_dict(settings).resolve(kinds).drop_layers)
-    assert resolved[0] <= UniPrefillConfig().resolve(kinds).drop_layers[0]
+    assert resolved == list(auto_drop_layers(kinds, "auto"))
+    assert resolved[0] >= UniPrefillConfig().resolve(kinds).drop_layers[0]
     kept = [recent.get(out.request_id) for out in outputs]
     assert all(len(k) == len(resolved) + 1 for k in kept if k is not None)
     assert sum(k is not None and k[-1] < k[0] for k in kept) >= 2

@@ -8,10 +8,12 @@ from uniprefill.ops import SelectionRule
 FULL, SLIDING, LINEAR = "full_attention", "sliding_attention", "linear_attention"
 
 
-def test_defaults_follow_the_paper_rule():
+def test_defaults_are_the_fast_preset_at_a_higher_p():
     config = UniPrefillConfig.from_dict({})
-    assert (config.p, config.block_size, config.sink, config.last_q) == (0.99, 64, 128, 16)
-    assert config.enabled and config.drop_layers == "auto"
+    assert (config.p, config.block_size, config.sink, config.last_q) == (0.995, 16, 128, 16)
+    assert config.enabled and config.drop_layers == "early" and config.queries == "question"
+    fast = UniPrefillConfig.from_dict({"preset": "fast"})
+    assert fast == UniPrefillConfig(p=0.99)
 
 
 @pytest.mark.parametrize(
@@ -95,13 +97,17 @@ def test_resolve_rejects_non_full_attention_layers():
 )
 def test_auto_drop_layers_pick_full_attention_after_the_first_quarter(kinds, expected):
     assert auto_drop_layers(kinds) == expected
-    assert UniPrefillConfig().resolve(kinds).drop_layers == expected
+    assert UniPrefillConfig(drop_layers="auto").resolve(kinds).drop_layers == expected
 
 
 def test_paper_preset_is_the_papers_rule_and_explicit_keys_win():
     paper = UniPrefillConfig.from_dict({"preset": "paper"})
     assert (paper.p, paper.block_size, paper.sink, paper.last_q) == (0.99, 64, 128, 128)
-    assert paper.normalize_over == "all_blocks"
+    assert (paper.normalize_over, paper.drop_layers, paper.queries) == (
+        "all_blocks",
+        "auto",
+        "last_q",
+    )
     assert UniPrefillConfig.from_dict({"preset": "paper", "p": 0.95}).p == 0.95
     with pytest.raises(
         ValueError,
@@ -120,7 +126,8 @@ def test_paper_preset_is_the_papers_rule_and_explicit_keys_win():
     ],
     ids=["qwen2.5-24", "llama-32", "gemma3-18", "qwen3next-48"],
 )
-def test_fast_preset_drops_from_an_eighth_of_the_depth_by_the_question(kinds, expected):
+def test_default_and_fast_drop_from_an_eighth_of_the_depth_by_the_question(kinds, expected):
+    assert UniPrefillConfig().resolve(kinds).drop_layers == expected
     fast = UniPrefillConfig.from_dict({"preset": "fast"}).resolve(kinds)
     assert fast.drop_layers == expected == auto_drop_layers(kinds, "early")
     assert (fast.queries, fast.block_size, fast.p) == ("question", 16, 0.99)
@@ -138,6 +145,7 @@ def test_a_preset_matches_an_engine_only_in_its_engine_wide_settings():
         UniPrefillConfig(p=0.5, min_prompt_len=10).resolve(kinds).preset_mismatch("default", kinds)
         == []
     )
+    assert default.preset_mismatch("fast", kinds) == []  # they differ only in p
     assert fast.preset_mismatch("paper", kinds) == [
         "drop_layers [6, 10, 14, 18] (this server: [3, 6, 9, 12, 15, 18])",
         "block_size 64 (this server: 16)",

@@ -14,7 +14,9 @@ from uniprefill.requests import (
     will_prune,
 )
 
-CONFIG = UniPrefillConfig(p=0.95, drop_layers=(2, 4), sink=16, last_q=16, min_prompt_len=100)
+CONFIG = UniPrefillConfig(
+    p=0.95, drop_layers=(2, 4), sink=16, last_q=16, min_prompt_len=100, queries="last_q"
+)
 
 
 @pytest.mark.parametrize(
