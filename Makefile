@@ -54,7 +54,7 @@ lint: install
 # the run that starts vLLM engines.
 test: lint
 	TRITON_INTERPRET=1 $(BIN)/python -m pytest -v -rs $(PYTEST_ARGS) tests/ops
-	$(BIN)/python -m pytest -v -rs --ignore=tests/ops $(PYTEST_ARGS) tests
+	$(BIN)/python -m pytest -v -rs --durations=15 --ignore=tests/ops $(PYTEST_ARGS) tests
 
 # Refreshes the lock: a fresh resolution of pyproject.toml's ranges in a scratch venv (newest
 # releases inside them), frozen into $(LOCK). Run `make test` on the result before committing it.

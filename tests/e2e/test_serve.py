@@ -68,8 +68,8 @@ def _complete(port: int, prompt, **xargs):
         ({"uniprefill_enabled": "sometimes"}, "uniprefill_enabled"),
         ({"uniprefill_level": 3}, "uniprefill_level"),
         ({"uniprefill_preset": "quick"}, "uniprefill_preset must be one of"),
-        # an engine-wide setting (last_q) differs: start the server with the preset
-        ({"uniprefill_preset": "paper"}, "uniprefill_preset 'paper' needs last_q 128"),
+        # engine-wide settings (drop layers, ...) differ: start the server with the preset
+        ({"uniprefill_preset": "paper"}, "uniprefill_preset 'paper' needs drop_layers .2, 4, 6."),
     ],
 )
 def test_bad_request_field_is_a_400_naming_it_and_the_server_carries_on(server, xargs, field):
@@ -86,8 +86,8 @@ def test_per_request_controls_reach_the_engine(server):
     off = _complete(port, prompt, uniprefill_enabled=False).choices[0].text
     assert _complete(port, prompt, uniprefill_p=1.0).choices[0].text == off
     assert pruned != off
-    # a preset that matches the server's engine-wide settings is taken (it sets only p)
-    assert _complete(port, prompt[:-1], uniprefill_preset="default").usage.completion_tokens == 6
+    # `fast` differs from the default server only in p: a request may ask for it
+    assert _complete(port, prompt[:-1], uniprefill_preset="fast").usage.completion_tokens == 6
 
 
 def test_metrics_count_what_the_worker_pruned_and_each_prune_is_logged(server):
