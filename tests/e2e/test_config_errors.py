@@ -110,7 +110,9 @@ def test_any_step_budget_and_long_prefill_threshold_are_taken(prepared):
 
 def test_step_budget_below_the_scoring_queries_is_refused_with_what_to_change(prepared):
     with pytest.raises(ValueError, match="raise --max-num-batched-tokens or lower last_q"):
-        _engine_config(prepared("tiny-llama"), {"last_q": 64}, max_num_batched_tokens=32)
+        _engine_config(
+            prepared("tiny-llama"), {"last_q": 64, "queries": "last_q"}, max_num_batched_tokens=32
+        )
     with pytest.raises(ValueError, match="raise --max-num-batched-tokens or lower max_queries"):
         _engine_config(prepared("tiny-llama"), {"queries": "question"}, max_num_batched_tokens=128)
 
