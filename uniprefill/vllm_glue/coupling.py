@@ -94,7 +94,8 @@ PATCHES: tuple[Patch, ...] = (
         wrap="uniprefill.vllm_glue.request_checks:wrap_validate_params",
         signature=("self", "params", "supported_tasks"),
         why="rejects bad per-request UniPrefill fields (vllm_xargs / extra_args) with a 400 "
-        "naming the field, before the request reaches the engine",
+        "naming the field, before the request reaches the engine; a preset is checked against "
+        "the engine's settings, read from the processor's vllm_config",
         scope="frontend",
         remove_when="vLLM lets general plugins validate extra_args",
     ),
