@@ -74,8 +74,15 @@ def parse_request_controls(extra_args: Mapping[str, Any] | None) -> float | None
                 PRESET_KEY, f"{PRESET_KEY} must be one of {list(PRESETS)}, got {name!r}"
             )
         if p is None:  # an explicit p or "off" wins over the preset's
-            p = UniPrefillConfig.from_dict({"preset": name}).p
+            p = preset_p(name)
     return p
+
+
+@cache
+def preset_p(name: str) -> float:
+    """The p preset `name` sets (its own, else the default's). Cached: `request_p` runs for
+    every scheduled request on every step."""
+    return UniPrefillConfig.from_dict({"preset": name}).p
 
 
 def keep_unpruned(sampling_params: Any) -> None:
