@@ -21,14 +21,6 @@ from uniprefill import serve
 VLLM_DTYPE = {"tiny-qwen3-next": "bfloat16", "tiny-qwen3-next-2kh": "bfloat16"}
 
 
-# Relative error of a block's mass between vLLM's kernels and the reference path's
-# (tests/selection_margin.py). bfloat16: tiny-qwen3-next's masses in bf16 and float32 on the
-# reference path differ by up to 1.3%, and vLLM's bf16 kernels differ by CPU (AVX-512 BF16 and
-# AMX CPUs run other matmul, conv and Gated DeltaNet kernels). Loose on a random model, which
-# attends almost evenly: many blocks sit within 3% of the threshold.
-MASS_TOLERANCE = {"float32": 1e-3, "bfloat16": 3e-2}
-
-
 # Small blocks and sinks so prompts of a few hundred tokens are pruned on the tiny models; a
 # prompt is scored by its question (the tokens after its last blank line, 32 to 64 of them) or
 # by its last 32 tokens if it has none.
@@ -74,9 +66,9 @@ def check_against_reference(
     two even unpruned). Returns how many prompts were determined."""
     from transformers import AutoModelForCausalLM
 
-    from tests.selection_margin import assert_keep_counts_agree
     from uniprefill.config import UniPrefillConfig
     from uniprefill.families import layer_types
+    from uniprefill.ops.select.margin import MASS_TOLERANCE, assert_keep_counts_agree
     from uniprefill.reference import generate
     from uniprefill.requests import paragraph_breaks, scoring_queries
 

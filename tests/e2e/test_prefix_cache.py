@@ -138,7 +138,7 @@ def test_a_long_new_part_is_pruned_despite_a_short_cached_prefix(engine):
 def test_repeat_of_a_pruned_turn_is_pruned_again_under_prune(prepared):
     """`repeated_prefix: "prune"`: turn 2 is pruned as a fresh prompt (no cache read): its keep
     counts agree with the reference path's on turn 2's whole prompt drop by drop, and so do its
-    tokens where the selection is determined (tests/selection_margin.py)."""
+    tokens where the selection is determined (uniprefill/ops/select/margin.py)."""
     settings = {**TINY_SETTINGS, "repeated_prefix": "prune"}
     with _llm(prepared, settings) as llm:
         talk = Conversation(llm, random_prompts((1200,), seed=40)[0], seed=40)

@@ -140,7 +140,8 @@ def test_runner_has_every_attribute_uniprefill_reads(engine):
 
 def test_pruned_requests_keep_what_the_reference_keeps_and_say_the_same(engine, family):
     """Keep counts agree drop by drop, up to blocks within rounding of the rule's threshold
-    (tests/selection_margin.py); where every drop's kept set is determined, so are the tokens."""
+    (uniprefill/ops/select/margin.py); where every drop's kept set is determined, so are the
+    tokens."""
     name, model_dir = family
     batch = asking()
     breaks = paragraph_breaks(str(model_dir), None, False)

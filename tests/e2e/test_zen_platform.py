@@ -36,6 +36,6 @@ def test_uniprefill_prunes_as_the_reference_does(prepared, tmp_path, platform):
         model, batch, TINY_SETTINGS, result["kept"], result["tokens"]
     )
     # random prompts on a random model: one may score within the rounding margin at a drop
-    # layer (then it is checked within the margin, tests/selection_margin.py)
+    # layer (then it is checked within the margin, uniprefill/ops/select/margin.py)
     assert determined >= len(batch) - 1
     assert sum(k is not None and k[-1] < k[0] for k in result["kept"]) == 3

@@ -1,12 +1,12 @@
-"""The rounding margin the engine-vs-reference comparison allows (tests/selection_margin.py):
+"""The rounding margin the engine-vs-reference comparison allows (uniprefill/ops/select/margin.py):
 exact where the scores decide, wider only around blocks within the tolerance of a flip, and a
 planted flip outside the margin still fails."""
 
 import pytest
 import torch
 
-from tests.selection_margin import assert_keep_counts_agree, keep_count_bounds
 from uniprefill.ops.select.common import keep_from_block_scores
+from uniprefill.ops.select.margin import assert_keep_counts_agree, keep_count_bounds
 from uniprefill.ops.select.rule import SelectionRule
 
 RULE = SelectionRule(block_size=16, sink=64, last_q=32, min_prompt_len=256)
