@@ -266,6 +266,17 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
+def lost_by_task(valid: list[dict], spec: str) -> dict[str, list[int]]:
+    """Per task: [answers lost, prompts answered] by a finalist."""
+    out: dict[str, list[int]] = {}
+    for r in valid:
+        final = r.get("finalists", {}).get(spec)
+        if final is not None:
+            lost, n = out.get(r["task"], [0, 0])
+            out[r["task"]] = [lost + (not final["right"]), n + 1]
+    return out
+
+
 def report(rows: list[dict]) -> dict:
     """Per length and policy: prompts, evidence lost at the last stage (with its interval), mean
     ideal, mean kept per stage; and the finalists' paired answer loss."""
@@ -305,6 +316,7 @@ def report(rows: list[dict]) -> dict:
                     lost_with_evidence=sum(
                         not real["right"] and real["survives"][-1] for _, real in pairs
                     ),
+                    answer_lost_by_task=lost_by_task(valid, spec),
                 )
             table.append(entry)
         swept, unswept = set(valid[0]["policies"]), []
@@ -318,6 +330,7 @@ def report(rows: list[dict]) -> dict:
                 "answer_lost_ci95": wilson(wrong, len(finals)),
                 "evidence_lost_pruned": sum(not f["survives"][-1] for f in finals),
                 "lost_with_evidence": sum(not f["right"] and f["survives"][-1] for f in finals),
+                "answer_lost_by_task": lost_by_task(valid, spec),
                 "ideal": statistics.mean(f["ideal"] for f in finals),
             })  # fmt: skip
         out[length] = {
@@ -352,13 +365,15 @@ def print_report(summary: dict) -> None:
             print(f"{e['policy']} | {e['evidence_lost']}/{e['prompts']} ({lo:.3f}-{hi:.3f}) | "
                   f"{e['ideal']:.2f} | {e['kept']}")  # fmt: skip
         print("finalist | answers lost (95% CI) | lost with evidence kept | evidence lost "
-              "(pruned run) | sweep agrees | ideal")  # fmt: skip
+              "(pruned run) | sweep agrees | ideal | lost by task")  # fmt: skip
         for e in [x for x in s["policies"] if "answered" in x] + s["unswept_finalists"]:
             lo, hi = e["answer_lost_ci95"]
             agrees = f"{e['sweep_agrees']}/{e['answered']}" if "sweep_agrees" in e else "-"
             print(f"{e['policy']} | {e['answer_lost']}/{e['answered']} ({lo:.3f}-{hi:.3f}) | "
                   f"{e['lost_with_evidence']} | {e['evidence_lost_pruned']} | {agrees} | "
-                  f"{e['ideal']:.2f}")  # fmt: skip
+                  f"{e['ideal']:.2f} | "
+                  + ", ".join(f"{t} {k}/{n}" for t, (k, n) in e["answer_lost_by_task"].items())
+                  )  # fmt: skip
 
 
 def plot(summary: dict, path: str) -> None:
