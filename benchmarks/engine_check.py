@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 from machine import machine
+from policy_study import parse_seeds
 from realtext_tasks import TASKS, locate, sample_of_length
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from ttft import OfflineEngine
@@ -71,10 +72,9 @@ def main() -> None:
 
     path = models.prepare(args.model)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    lo, _, hi = args.seeds.partition("-")
     prompts = []
     for length in args.lengths:
-        for seed in range(int(lo), int(hi or lo) + 1):
+        for seed in parse_seeds(args.seeds):
             for task in args.tasks:
                 sample = sample_of_length(tokenizer, task, seed, length)
                 if sample is not None:
