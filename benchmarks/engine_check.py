@@ -30,31 +30,23 @@ from vllm import SamplingParams
 from uniprefill import models
 from uniprefill.config import UniPrefillConfig
 from uniprefill.families import layer_types
-from uniprefill.ops.select.margin import MASS_TOLERANCE, keep_count_bounds
+from uniprefill.ops.select.margin import MASS_TOLERANCE, drop_bounds
 from uniprefill.reference import generate
 from uniprefill.requests import paragraph_breaks, scoring_queries
 
 
 def compare(engine_kept: list[int], ref, config: UniPrefillConfig, queries: int, tol: float):
-    """Drop by drop while the reference's selection is determined within the margin: is the
-    engine's count inside the margin's bounds? Then the largest relative difference overall."""
-    checked, inside = 0, True
-    for drop, scores in enumerate(ref.block_scores):
-        n = ref.kept_per_stage[drop]
-        if engine_kept[drop] != n:
-            break  # an earlier drop went the other way within the margin: other tokens now
-        fewest, most = keep_count_bounds(
-            scores, n, p=config.p, rule=config.rule, tolerance=tol, queries=queries
-        )
-        checked += 1
-        inside &= fewest <= engine_kept[drop + 1] <= most
-        if fewest != most:
-            break
+    """Identical counts? Inside the margin's bounds at every drop it compares (margin.drop_bounds)?
+    And the largest relative difference overall."""
+    bounds = drop_bounds(
+        engine_kept, ref.kept_per_stage, ref.block_scores,
+        p=config.p, rule=config.rule, tolerance=tol, queries=queries,
+    )  # fmt: skip
     diff = max(abs(e - r) / r for e, r in zip(engine_kept, ref.kept_per_stage, strict=True))
     return {
         "identical": engine_kept == ref.kept_per_stage,
-        "drops_checked": checked,
-        "within_margin": inside,
+        "drops_checked": len(bounds),
+        "within_margin": all(fewest <= kept <= most for fewest, most, kept in bounds),
         "max_rel_diff": round(diff, 4),
     }
 

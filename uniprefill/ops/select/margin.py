@@ -65,6 +65,32 @@ def keep_count_bounds(
     return forced + int(unforced[surely_kept].sum()), forced + int(unforced[maybe_kept].sum())
 
 
+def drop_bounds(
+    engine_kept: list[int],
+    reference_kept: list[int],
+    reference_scores: list[torch.Tensor],
+    *,
+    p: float,
+    rule: SelectionRule,
+    tolerance: float,
+    queries: int | None = None,
+) -> list[tuple[int, int, int]]:
+    """(fewest, most, the engine's count) per drop layer, in order, while the engine ran on the
+    reference's tokens: up to and including the first drop the margin leaves undecided or whose
+    engine count falls outside it (later drops then score other tokens, so they are not
+    compared). Keep counts: the prompt, then after each drop layer."""
+    bounds = []
+    for drop, scores in enumerate(reference_scores):
+        fewest, most = keep_count_bounds(
+            scores, reference_kept[drop], p=p, rule=rule, tolerance=tolerance, queries=queries
+        )
+        kept = engine_kept[drop + 1]
+        bounds.append((fewest, most, kept))
+        if fewest != most or not fewest <= kept <= most:
+            break
+    return bounds
+
+
 def assert_keep_counts_agree(
     engine_kept: list[int],
     reference_kept: list[int],
@@ -78,18 +104,15 @@ def assert_keep_counts_agree(
     """Check an engine's keep counts (prompt, then after each drop layer) against the reference
     path's, drop by drop, within the rounding margin. True when every drop's kept set was
     determined by the reference's scores (so the engine ran on the same tokens throughout and
-    its output can be compared exactly); False once a drop may have gone either way (later
-    drops then score other tokens, so they are not compared)."""
+    its output can be compared exactly); False once a drop may have gone either way."""
     assert engine_kept[0] == reference_kept[0]
-    for drop, scores in enumerate(reference_scores):
-        n = reference_kept[drop]
-        fewest, most = keep_count_bounds(
-            scores, n, p=p, rule=rule, tolerance=tolerance, queries=queries
+    bounds = drop_bounds(
+        engine_kept, reference_kept, reference_scores,
+        p=p, rule=rule, tolerance=tolerance, queries=queries,
+    )  # fmt: skip
+    for drop, (fewest, most, kept) in enumerate(bounds):
+        assert fewest <= kept <= most, (
+            f"drop {drop}: the engine kept {kept} of {reference_kept[drop]} tokens, the rule "
+            f"keeps {fewest}..{most} within a relative mass tolerance of {tolerance}"
         )
-        assert fewest <= engine_kept[drop + 1] <= most, (
-            f"drop {drop}: the engine kept {engine_kept[drop + 1]} of {n} tokens, the rule keeps "
-            f"{fewest}..{most} within a relative mass tolerance of {tolerance}"
-        )
-        if fewest != most:
-            return False
-    return True
+    return all(fewest == most for fewest, most, _ in bounds)
