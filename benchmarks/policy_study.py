@@ -279,7 +279,8 @@ def lost_by_task(valid: list[dict], spec: str) -> dict[str, list[int]]:
 
 def report(rows: list[dict]) -> dict:
     """Per length and policy: prompts, evidence lost at the last stage (with its interval), mean
-    ideal, mean kept per stage; and the finalists' paired answer loss."""
+    ideal, mean kept per stage; and the finalists' paired answer loss and the ideal of their
+    pruned runs."""
     out = {}
     for length in sorted({r["length"] for r in rows}):
         valid = [r for r in rows if r["length"] == length and "policies" in r]
@@ -317,6 +318,7 @@ def report(rows: list[dict]) -> dict:
                         not real["right"] and real["survives"][-1] for _, real in pairs
                     ),
                     answer_lost_by_task=lost_by_task(valid, spec),
+                    ideal_pruned=statistics.mean(real["ideal"] for _, real in pairs),
                 )
             table.append(entry)
         swept, unswept = set(valid[0]["policies"]), []
@@ -331,7 +333,7 @@ def report(rows: list[dict]) -> dict:
                 "evidence_lost_pruned": sum(not f["survives"][-1] for f in finals),
                 "lost_with_evidence": sum(not f["right"] and f["survives"][-1] for f in finals),
                 "answer_lost_by_task": lost_by_task(valid, spec),
-                "ideal": statistics.mean(f["ideal"] for f in finals),
+                "ideal_pruned": statistics.mean(f["ideal"] for f in finals),
             })  # fmt: skip
         out[length] = {
             "drawn": len(drawn),
@@ -365,13 +367,13 @@ def print_report(summary: dict) -> None:
             print(f"{e['policy']} | {e['evidence_lost']}/{e['prompts']} ({lo:.3f}-{hi:.3f}) | "
                   f"{e['ideal']:.2f} | {e['kept']}")  # fmt: skip
         print("finalist | answers lost (95% CI) | lost with evidence kept | evidence lost "
-              "(pruned run) | sweep agrees | ideal | lost by task")  # fmt: skip
+              "(pruned run) | sweep agrees | ideal (pruned runs) | lost by task")  # fmt: skip
         for e in [x for x in s["policies"] if "answered" in x] + s["unswept_finalists"]:
             lo, hi = e["answer_lost_ci95"]
             agrees = f"{e['sweep_agrees']}/{e['answered']}" if "sweep_agrees" in e else "-"
             print(f"{e['policy']} | {e['answer_lost']}/{e['answered']} ({lo:.3f}-{hi:.3f}) | "
                   f"{e['lost_with_evidence']} | {e['evidence_lost_pruned']} | {agrees} | "
-                  f"{e['ideal']:.2f} | "
+                  f"{e['ideal_pruned']:.2f} | "
                   + ", ".join(f"{t} {k}/{n}" for t, (k, n) in e["answer_lost_by_task"].items())
                   )  # fmt: skip
 
@@ -392,7 +394,8 @@ def plot(summary: dict, path: str) -> None:
         ax.step([e["ideal"] for e in front], [e["evidence_lost"] / e["prompts"] for e in front],
                 where="post", color=dots.get_color(), label=label)  # fmt: skip
         finals = [e for e in s["policies"] if "answered" in e] + s["unswept_finalists"]
-        ax.plot([e["ideal"] for e in finals], [e["answer_lost"] / e["answered"] for e in finals],
+        ax.plot([e["ideal_pruned"] for e in finals],
+                [e["answer_lost"] / e["answered"] for e in finals],
                 "x", color=dots.get_color(), markersize=9,
                 label=f"{length} tokens: answers lost, finalists run pruned")  # fmt: skip
     ax.set_xlabel("token-layer ideal speedup")
