@@ -28,7 +28,7 @@ INDEX_ARGS = $$($(PYTHON) tools/deps.py index-args "$(TORCH_INDEX)")
 CHECK_PYTHON = @$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { \
 	echo "$(PYTHON) is older than 3.11: run make with PYTHON=python3.11"; exit 1; }
 
-.PHONY: install serve test lint lock
+.PHONY: install serve test test-fast lint lock
 
 $(STAMP): pyproject.toml $(LOCK)
 	$(CHECK_PYTHON)
@@ -55,6 +55,12 @@ lint: install
 test: lint
 	TRITON_INTERPRET=1 $(BIN)/python -m pytest -v -rs $(PYTEST_ARGS) tests/ops
 	$(BIN)/python -m pytest -v -rs --durations=15 --ignore=tests/ops $(PYTEST_ARGS) tests
+
+# The fast tier, to run while working (a few minutes): lint, the operators against their oracle,
+# and the tests that start no engine (settings, plans, the scheduler's decisions, the ledger).
+test-fast: lint
+	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q $(PYTEST_ARGS) tests/ops
+	$(BIN)/python -m pytest -q --durations=5 $(PYTEST_ARGS) tests/unit
 
 # Refreshes the lock: a fresh resolution of pyproject.toml's ranges in a scratch venv (newest
 # releases inside them), frozen into $(LOCK). Run `make test` on the result before committing it.

@@ -135,6 +135,8 @@ class Prompts:
         if corpus == "code":
             stdlib = Path(sysconfig.get_paths()["stdlib"])
             self.sources = [f.read_text(errors="replace") for f in sorted(stdlib.glob("*.py"))]
+            # distinct starts (file, line): every file has at least this many lines
+            self.starts = len(self.sources) * min(len(s.splitlines()) for s in self.sources)
 
     def take(self, length: int, count: int) -> tuple[list[list[int]], list[str | None]]:
         """`count` chat-formatted prompts of about `length` tokens, and their answers."""
@@ -161,9 +163,18 @@ class Prompts:
         ], None
 
     def _code(self, size: int) -> str:
-        """Source files in order from one that differs per index, cut to `size` * 3 characters."""
-        start = (self.index * 7) % len(self.sources)
-        text, i = "", start
+        """Source files in order, cut to `size` * 3 characters, from a start that differs per
+        index: index i starts at file i % n (of n files), `i // n` lines into it, so no two
+        indices share a prompt (a repeated prompt would be read from stock vLLM's prefix cache)."""
+        if self.index >= self.starts:
+            raise ValueError(
+                f"the code corpus has {self.starts} distinct prompt starts, and this run's "
+                f"prompt {self.index} would repeat one: use fewer --requests, --repeats, lengths "
+                "or scenarios"
+            )
+        skip, start = divmod(self.index, len(self.sources))
+        text = "".join(self.sources[start].splitlines(keepends=True)[skip:])
+        i = start + 1
         while len(text) < size * 3:
             text += self.sources[i % len(self.sources)]
             i += 1

@@ -1,14 +1,15 @@
-"""Per-request UniPrefill controls, carried in vLLM's request extra args.
+"""Per-request UniPrefill controls, carried in vLLM's request extra args, and what the
+scheduler decides from them for each prompt.
 
 HTTP: `"vllm_xargs": {"uniprefill_p": 0.9}`, `{"uniprefill_preset": "fast"}` or
 `{"uniprefill_enabled": false}`; offline: `SamplingParams(extra_args={"uniprefill_p": 0.9})`.
 A request's preset sets only its p: the preset's other settings apply to the whole engine and
 must be the engine's (`UniPrefillConfig.preset_mismatch`, checked in the API server).
 
-`parse_request_controls` is strict (the API server turns its ValueError into HTTP 400);
-`request_p` is what the engine core and the workers use: they must agree on every request and
-never fail on one, so anything unparseable there means "not pruned". No vLLM import here.
-A request's KV layout depends on this decision, so it is made from the request alone.
+`parse_request_controls` is strict (the API server turns its ValueError into HTTP 400): every
+value it accepts runs. `request_p`, `scoring_queries` and `prompt_plan` are the scheduler's, the
+one place that decides whether a prompt is pruned; the workers execute the plan it sends with
+each step (uniprefill.step_plan). No vLLM import here.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from typing import Any
 
 from uniprefill.config import PRESETS, UniPrefillConfig
 from uniprefill.ops.select.common import prunable_mask
+from uniprefill.ops.select.rule import MIN_P, p_error
+from uniprefill.step_plan import PromptPlan
 
 ENABLED_KEY = "uniprefill_enabled"
 P_KEY = "uniprefill_p"
@@ -45,7 +48,8 @@ def parse_request_controls(extra_args: Mapping[str, Any] | None) -> float | None
     unknown = sorted(k for k in args if k.startswith("uniprefill") and k not in KEYS)
     if unknown:
         raise RequestFieldError(
-            unknown[0], f"unknown UniPrefill request field(s) {unknown}; valid: {', '.join(KEYS)}"
+            unknown[0],
+            f"unknown UniPrefill request field(s) {_shown(unknown)}; valid: {', '.join(KEYS)}",
         )
     p = None
     if ENABLED_KEY in args:
@@ -53,42 +57,44 @@ def parse_request_controls(extra_args: Mapping[str, Any] | None) -> float | None
         norm = value.lower() if isinstance(value, str) else value
         if norm not in _TRUE + _FALSE or isinstance(value, float):
             raise RequestFieldError(
-                ENABLED_KEY, f"{ENABLED_KEY} must be true or false, got {value!r}"
+                ENABLED_KEY, f"{ENABLED_KEY} must be true or false, got {_shown(value)}"
             )
         if norm in _FALSE:
             p = 1.0
     if P_KEY in args:
         value = args[P_KEY]
-        try:
-            number = float(value) if not isinstance(value, bool) else None
+        try:  # a JSON number, or a string holding one ("0.9")
+            number = value if isinstance(value, bool) else float(value)
         except (TypeError, ValueError):
-            number = None
-        if number is None or not 0.0 < number <= 1.0:
-            raise RequestFieldError(P_KEY, f"{P_KEY} must be a number in (0, 1], got {value!r}")
+            number = value
+        if p_error(number):
+            raise RequestFieldError(
+                P_KEY, f"{P_KEY} must be a number in (0, 1], at least {MIN_P:.3g} (float32), "
+                f"got {_shown(value)}"
+            )  # fmt: skip
         if p is None:  # an explicit "off" wins over a p
             p = number
     if PRESET_KEY in args:
         name = args[PRESET_KEY]
         if not isinstance(name, str) or name not in PRESETS:
             raise RequestFieldError(
-                PRESET_KEY, f"{PRESET_KEY} must be one of {list(PRESETS)}, got {name!r}"
+                PRESET_KEY, f"{PRESET_KEY} must be one of {list(PRESETS)}, got {_shown(name)}"
             )
         if p is None:  # an explicit p or "off" wins over the preset's
             p = preset_p(name)
     return p
 
 
+def _shown(value: Any, limit: int = 80) -> str:
+    """A client's value for an error message, cut short: a request may send megabytes."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
 @cache
 def preset_p(name: str) -> float:
-    """The p preset `name` sets (its own, else the default's). Cached: `request_p` runs for
-    every scheduled request on every step."""
+    """The p preset `name` sets (its own, else the default's); looked up once per name."""
     return UniPrefillConfig.from_dict({"preset": name}).p
-
-
-def keep_unpruned(sampling_params: Any) -> None:
-    """Turn pruning off for one request, as `uniprefill_enabled: false` does: the scheduler's
-    way of telling the workers it serves this prompt unpruned (from the prefix cache)."""
-    sampling_params.extra_args = {**(sampling_params.extra_args or {}), ENABLED_KEY: False}
 
 
 def request_p(config: UniPrefillConfig, sampling_params: Any) -> float:
@@ -113,6 +119,24 @@ def will_prune(config: UniPrefillConfig, p: float, prompt_len: int, queries: int
     return bool(config.drop_layers) and prunable_mask(
         prompt_len, p=p, rule=config.rule, queries=queries
     )
+
+
+def prompt_plan(
+    config: UniPrefillConfig, *, p: float, prompt_len: int, queries: int, cached: int
+) -> PromptPlan | None:
+    """How the scheduler has a fresh prompt pruned, or None: it is computed as stock vLLM
+    computes it, over its prefix-cache hit.
+
+    p: what the request asks for (request_p); queries: its scoring queries (scoring_queries);
+    cached: its prompt tokens in the prefix cache, or that a recently pruned prompt it repeats
+    covers. A prompt mostly cached (at least `cached_share` of it, or an uncached rest shorter
+    than `min_prompt_len`) is read from the cache instead of pruned.
+    """
+    if not will_prune(config, p, prompt_len, queries):
+        return None
+    if cached >= config.cached_share * prompt_len or prompt_len - cached < config.min_prompt_len:
+        return None
+    return PromptPlan(p=p, queries=queries)
 
 
 @dataclass(frozen=True)
@@ -140,8 +164,7 @@ NO_BREAKS = ParagraphBreaks()
 def scoring_queries(
     config: UniPrefillConfig, prompt_ids: Sequence[int] | None, breaks: ParagraphBreaks
 ) -> int:
-    """How many of a prompt's last tokens score it (config.queries). The scheduler and every
-    worker compute it from the prompt's ids alone, so they agree.
+    """How many of a prompt's last tokens score it (config.queries), from its ids alone.
 
     "question": the tokens after the last blank line (`breaks`) among the last max_queries + 1,
     at least last_q; none there (e.g. a raw completion prompt with no blank line near its end,

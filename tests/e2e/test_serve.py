@@ -11,6 +11,7 @@ from tests.e2e.helpers import (
     lines_from,
     metrics_added,
     metrics_of,
+    random_prompts,
     served_metrics,
     tiny_llama_server,
     worker_rpc,
@@ -77,6 +78,54 @@ def test_bad_request_field_is_a_400_naming_it_and_the_server_carries_on(server, 
     with pytest.raises(openai.BadRequestError, match=field):
         _complete(port, "The quick brown fox", **xargs)
     assert _complete(port, "The quick brown fox").usage.completion_tokens == 6
+
+
+LONG = list(range(10, 1210))  # 1,200 token ids: past the default min_prompt_len, so pruned
+
+
+@pytest.mark.parametrize(
+    "p",
+    # each of the first three once passed the check, became 0.0 in the float32 plan and killed
+    # the engine; their neighbours
+    [
+        1e-300,
+        1e-46,
+        "1e-50",
+        5e-324,
+        1e-39,
+        -0.0,
+        0,
+        "inf",
+        "nan",
+        "1e400",
+        "9" * 20_000,
+        "0x1p-3",
+        True,
+        [0.5],
+        {"p": 0.5},
+        None,
+    ],  # fmt: skip
+    ids=repr,
+)
+def test_every_p_the_server_refuses_is_a_400_and_it_serves_on(server, p):
+    _, port, _ = server
+    with pytest.raises(openai.BadRequestError, match="uniprefill_p"):
+        _complete(port, LONG, uniprefill_p=p)
+    assert _complete(port, LONG).usage.completion_tokens == 6
+
+
+@pytest.mark.parametrize(
+    ("seed", "p"), enumerate([1.1754943508222875e-38, 1e-30, "0.5", 0.9, 1]), ids=repr
+)
+def test_every_p_the_server_accepts_runs(server, seed, p):
+    """The smallest p accepted (float32's smallest normal number) and its neighbours: a long
+    prompt of its own (the prefix cache would serve a repeat) pruned with each, unless p is 1."""
+    _, port, _ = server
+    prompt = random_prompts((1200,), seed=100 + seed)[0]
+    before = served_metrics(port).get("pruned_requests", 0)
+    assert _complete(port, prompt, uniprefill_p=p).usage.completion_tokens == 6
+    pruned = served_metrics(port).get("pruned_requests", 0) - before
+    assert pruned == (0 if float(p) == 1 else 1)
 
 
 def test_per_request_controls_reach_the_engine(server):

@@ -102,19 +102,26 @@ def test_additional_config_that_is_not_an_object_names_the_fix():
         _serve_args(["m", "--plugin", "uniprefill", "--additional-config", "p=0.9"])
 
 
-def test_extension_fields_travel_in_vllms_engine_outputs_and_revert():
+def test_extension_fields_travel_in_vllms_transports_and_revert():
     """The field the plugin declares on SchedulerStats survives vLLM's own msgspec transport
-    (engine core -> front end); without the plugin, vLLM's class has no such field."""
+    (engine core -> front end), and the one on SchedulerOutput its pickle transport (engine core
+    -> workers); without the plugin, vLLM's classes have no such fields."""
     import dataclasses
+    import pickle
 
+    from vllm.v1.core.sched.output import SchedulerOutput
     from vllm.v1.engine import EngineCoreOutputs
     from vllm.v1.metrics.stats import SchedulerStats
     from vllm.v1.serial_utils import MsgpackDecoder, MsgpackEncoder
 
-    from uniprefill.vllm_glue.metrics import STATS_FIELD
+    from uniprefill.step_plan import PromptPlan
+    from uniprefill.vllm_glue.metrics import STATS_FIELD, STEP_FIELD
 
-    (extension,) = patches.EXTENSIONS
-    assert extension.target.endswith(f"SchedulerStats.{STATS_FIELD}") and extension.why
+    assert {e.target.rsplit(":", 1)[1] for e in patches.EXTENSIONS} == {
+        f"SchedulerStats.{STATS_FIELD}",
+        f"SchedulerOutput.{STEP_FIELD}",
+    }
+    assert all(e.why for e in patches.EXTENSIONS)
     stats = SchedulerStats(num_running_reqs=2)
     report = {"prompts": [{"req_id": "r", "kept": [4096, 3000]}], "selection_s": [0.01]}
     setattr(stats, STATS_FIELD, report)
@@ -122,6 +129,11 @@ def test_extension_fields_travel_in_vllms_engine_outputs_and_revert():
     received = MsgpackDecoder(EngineCoreOutputs).decode(wire).scheduler_stats
     assert getattr(received, STATS_FIELD) == report and received.num_running_reqs == 2
     assert getattr(SchedulerStats(), STATS_FIELD) is None
+    step = SchedulerOutput.make_empty()
+    assert getattr(step, STEP_FIELD) is None
+    setattr(step, STEP_FIELD, {"r": PromptPlan(p=0.9, queries=32)})
+    assert getattr(pickle.loads(pickle.dumps(step)), STEP_FIELD) == {"r": PromptPlan(0.9, 32)}
     patches.revert_patches()
     assert STATS_FIELD not in {f.name for f in dataclasses.fields(SchedulerStats)}
     assert not hasattr(SchedulerStats(), STATS_FIELD)
+    assert not hasattr(SchedulerOutput.make_empty(), STEP_FIELD)

@@ -1,5 +1,7 @@
-"""Per-request controls: strict parsing for the API server, tolerant p for engine and workers."""
+"""Per-request controls: strict parsing for the API server; the scheduler's tolerant p and its
+decision for each prompt."""
 
+import dataclasses
 from types import SimpleNamespace
 
 import pytest
@@ -7,12 +9,13 @@ import pytest
 from uniprefill.config import UniPrefillConfig
 from uniprefill.requests import (
     ParagraphBreaks,
-    keep_unpruned,
     parse_request_controls,
+    prompt_plan,
     request_p,
     scoring_queries,
     will_prune,
 )
+from uniprefill.step_plan import PromptPlan
 
 CONFIG = UniPrefillConfig(
     p=0.95, drop_layers=(2, 4), sink=16, last_q=16, min_prompt_len=100, queries="last_q"
@@ -46,7 +49,19 @@ def test_valid_controls(extra_args, p):
 @pytest.mark.parametrize(
     ("extra_args", "message"),
     [
-        ({"uniprefill_p": 0}, r"uniprefill_p must be a number in \(0, 1\], got 0"),
+        ({"uniprefill_p": 0}, r"uniprefill_p must be a number in \(0, 1\], .* got 0"),
+        # each of these once passed `0 < p <= 1` and became 0.0 in the float32 plan
+        ({"uniprefill_p": 1e-300}, "at least 1.18e-38 .float32., got 1e-300"),
+        ({"uniprefill_p": 1e-46}, "uniprefill_p must be"),
+        ({"uniprefill_p": "1e-50"}, "uniprefill_p must be"),
+        ({"uniprefill_p": 5e-324}, "uniprefill_p must be"),
+        ({"uniprefill_p": -0.0}, "uniprefill_p must be"),
+        ({"uniprefill_p": "inf"}, "uniprefill_p must be"),
+        ({"uniprefill_p": "nan"}, "uniprefill_p must be"),
+        ({"uniprefill_p": "1e400"}, "uniprefill_p must be"),
+        ({"uniprefill_p": {"p": 0.5}}, "uniprefill_p must be"),
+        ({"uniprefill_p": None}, "uniprefill_p must be"),
+        ({"uniprefill_p": "9" * 100_000}, r"\.\.\. \(100002 characters\)"),  # cut short
         ({"uniprefill_p": 1.01}, "uniprefill_p must be"),
         ({"uniprefill_p": "x"}, "uniprefill_p must be"),
         ({"uniprefill_p": True}, "uniprefill_p must be"),
@@ -113,11 +128,24 @@ def test_question_queries_are_the_tokens_after_the_last_blank_line(tail, expecte
     assert scoring_queries(config, None, BREAKS) == 16  # prompt embeddings
 
 
-def test_keep_unpruned_turns_a_request_off_and_keeps_its_other_args():
-    """The scheduler's decision, as the workers read it: p 1.0, other extra args untouched."""
-    theirs = {"other_plugin": 1, "uniprefill_p": 0.5}
-    request = params(theirs)
-    keep_unpruned(request)
-    assert request_p(CONFIG, request) == 1.0
-    assert request.extra_args["other_plugin"] == 1
-    assert theirs == {"other_plugin": 1, "uniprefill_p": 0.5}  # a new dict, not theirs changed
+def test_the_smallest_p_accepted_runs_in_float32():
+    import torch
+
+    from uniprefill.ops.select.rule import MIN_P
+
+    assert parse_request_controls({"uniprefill_p": MIN_P}) == MIN_P
+    assert torch.tensor([MIN_P], dtype=torch.float32).item() > 0
+
+
+def test_the_scheduler_prunes_a_long_prompt_unless_the_cache_mostly_holds_it():
+    """prompt_plan: cached_share 0.5 and min_prompt_len 100 (CONFIG)."""
+    plan = dict(p=0.9, prompt_len=1000, queries=16)
+    assert prompt_plan(CONFIG, **plan, cached=0) == PromptPlan(p=0.9, queries=16)
+    assert prompt_plan(CONFIG, **plan, cached=499) == PromptPlan(p=0.9, queries=16)
+    assert prompt_plan(CONFIG, **plan, cached=500) is None  # half of it cached
+    assert prompt_plan(CONFIG, **{**plan, "p": 1.0}, cached=0) is None  # pruning off
+    assert prompt_plan(CONFIG, **{**plan, "prompt_len": 99}, cached=0) is None  # too short
+    # a cached prefix leaving fewer than min_prompt_len tokens to compute: read from the cache
+    long = dict(p=0.9, prompt_len=10_000, queries=16)
+    assert prompt_plan(CONFIG, **long, cached=4_000) is not None
+    assert prompt_plan(dataclasses.replace(CONFIG, cached_share=1.0), **long, cached=9_950) is None

@@ -76,6 +76,14 @@ def test_compiled_modules_carry_the_attributes_used():
         assert f"self.{name} = " in source and f"if self.{name}" in source
 
 
+def test_request_state_sets_the_attributes_used():
+    from vllm.v1.worker.gpu_input_batch import CachedRequestState
+
+    source = inspect.getsource(CachedRequestState.__post_init__)
+    for name in coupling.REQUEST_STATE_ATTRIBUTES:
+        assert f"self.{name} = " in source, name
+
+
 def test_request_has_the_attributes_used():
     request = Request("r", [1, 2, 3], SamplingParams(), None)
     assert coupling.missing_attributes(request, coupling.REQUEST_ATTRIBUTES) == []

@@ -158,6 +158,11 @@ PATCHES: tuple[Patch, ...] = (
 
 EXTENSIONS: tuple[Extension, ...] = (
     Extension(
+        target="vllm.v1.core.sched.output:SchedulerOutput.uniprefill",
+        why="carries the scheduler's plan for the step (which prompts are pruned, with which p "
+        "and scoring queries) to every worker: the scheduler is the one place that decides",
+    ),
+    Extension(
         target="vllm.v1.metrics.stats:SchedulerStats.uniprefill",
         why="carries the workers' pruning reports from the engine core to the front end's "
         "metrics (metrics.py)",
@@ -200,10 +205,20 @@ OVERRIDES: tuple[Override, ...] = (
         "are counted against max_held_tokens (the one place that sees every chunk's size)",
     ),
     Override(
+        f"{_SCHEDULER}.schedule",
+        ("self", "throttle_prefills"),
+        _OURS,
+        "puts the step's plan for pruned prompts on the SchedulerOutput; raises "
+        "long_prefill_token_threshold for a step where a pruned prompt's last chunk (its scoring "
+        "queries) waits for more than it",
+    ),
+    Override(
         f"{_SCHEDULER}.update_from_output",
         ("self", "scheduler_output", "model_runner_output"),
         _OURS,
-        "logs each pruned prompt the workers report and keeps the report for the next stats",
+        "logs each pruned prompt the workers report and keeps the report for the next stats; "
+        "drops the token of a request whose pruning failed and preempts it (`_preempt_request`, "
+        "called) so it is recomputed unpruned",
     ),
     Override(
         f"{_SCHEDULER}.make_stats",
@@ -253,6 +268,13 @@ IMPORTS: dict[str, tuple[str, ...] | None] = {
     "vllm.v1.core.sched.scheduler:Scheduler": None,
     "vllm.v1.core.single_type_kv_cache_manager:SlidingWindowManager": None,
     "vllm.v1.request:Request": None,
+    "vllm.v1.request:RequestStatus": None,
+    "vllm.v1.core.sched.scheduler:Scheduler._preempt_request": (
+        "self",
+        "request",
+        "timestamp",
+        "drop_stale_output",
+    ),
     "vllm.exceptions:VLLMValidationError.__init__": ("self", "message", "parameter", "value"),
     "vllm.sampling_params:SamplingParams": None,
     "vllm.v1.outputs:ModelRunnerOutput": None,
@@ -310,13 +332,13 @@ FIELDS: dict[str, tuple[str, ...]] = {
         "finished_req_ids",
         "preempted_req_ids",
         "scheduled_cached_reqs",
+        "num_scheduled_tokens",
     ),
+    # the scheduler drops the sampled token of a request whose pruning failed
+    "vllm.v1.outputs:ModelRunnerOutput": ("req_id_to_index", "sampled_token_ids"),
+    # raised by the scheduler for a step where a pruned prompt's last chunk waits for more
+    "vllm.config:SchedulerConfig": ("long_prefill_token_threshold",),
     "vllm.v1.core.sched.output:CachedRequestData": ("resumed_req_ids",),
-    "vllm.v1.worker.gpu_input_batch:CachedRequestState": (
-        "sampling_params",
-        "output_token_ids",
-        "prompt_token_ids",  # scoring_queries (queries="question")
-    ),
 }
 
 # Dotted paths from a built VllmConfig (read at start-up by engine_args and the scheduler).
@@ -326,7 +348,7 @@ CONFIG_ATTRIBUTES: tuple[str, ...] = (
     "model_config.architectures",
     "model_config.max_model_len",
     "model_config.hf_text_config",
-    "model_config.tokenizer",  # question_breaks, also read from the runner's model_config
+    "model_config.tokenizer",  # question_breaks (the scheduler's)
     "model_config.tokenizer_revision",
     "model_config.trust_remote_code",
     "cache_config.enable_prefix_caching",
@@ -362,6 +384,8 @@ RUNNER_ATTRIBUTES: tuple[str, ...] = (
     "input_batch.num_prompt_tokens_cpu_tensor",
     "input_batch.block_table",
 )
+# Set by CachedRequestState.__post_init__ (the runner's `requests` values), read by the pruner.
+REQUEST_STATE_ATTRIBUTES: tuple[str, ...] = ("num_prompt_tokens",)
 # On the model's modules that vLLM's @support_torch_compile made (False: it runs compiled).
 COMPILED_MODULE_ATTRIBUTES: tuple[str, ...] = ("do_not_compile",)
 # Per KV-cache group: runner.input_batch.block_table[gid] and runner.attn_groups[gid][i].
@@ -375,6 +399,9 @@ STAT_LOGGER_ATTRIBUTES: tuple[str, ...] = (
 )
 SCHEDULER_ATTRIBUTES: tuple[str, ...] = (
     "log_stats",
+    "requests",
+    "running",
+    "scheduler_config.long_prefill_token_threshold",
     "hash_block_size",
     "kv_cache_manager.empty_kv_cache_blocks",
     "kv_cache_manager.enable_caching",
@@ -388,6 +415,8 @@ REQUEST_ATTRIBUTES: tuple[str, ...] = (
     "num_prompt_tokens",
     "num_output_tokens",
     "num_tokens",
+    "num_computed_tokens",
+    "status",
     "block_hashes",
     "prompt_token_ids",
 )

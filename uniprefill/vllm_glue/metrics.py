@@ -35,14 +35,16 @@ logger = get_logger(__name__)
 
 REPORT_ATTRIBUTE = "uniprefill"  # on a ModelRunnerOutput: a worker's Pruner.take_report()
 STATS_FIELD = "uniprefill"  # on SchedulerStats: the reports since the last stats
+STEP_FIELD = "uniprefill"  # on SchedulerOutput: the step's plan (step_plan.StepPruning) or None
 KEPT_SHARE_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 SELECTION_SECONDS_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 
 def new_report() -> dict[str, list]:
-    """An empty report: pruned prompts (accounting.pruned_prompt records), and the selection's
-    seconds per scoring step. Workers fill one per step, the scheduler gathers them for stats."""
-    return {"prompts": [], "selection_s": []}
+    """An empty report: pruned prompts (accounting.pruned_prompt records), the selection's
+    seconds per scoring step, and the ids of requests whose pruning failed and fell back to an
+    unpruned prefill. Workers fill one per step, the scheduler gathers them for stats."""
+    return {"prompts": [], "selection_s": [], "fallbacks": []}
 
 
 def uniprefill_enabled(vllm_config: Any) -> bool:
@@ -61,7 +63,9 @@ class UniPrefillPrometheusLogger(PrometheusStatLogger):
         prefills would have run unpruned, and those pruning skipped (ideal speedup:
         total / (total - saved));
     vllm:uniprefill_kept_share: histogram of the share of a prompt kept after the last drop;
-    vllm:uniprefill_selection_seconds: histogram of the selection's time per scoring step.
+    vllm:uniprefill_selection_seconds: histogram of the selection's time per scoring step;
+    vllm:uniprefill_fallbacks_total: requests whose pruning failed inside UniPrefill and that
+        were computed unpruned instead (logged with their ids as warnings).
     """
 
     def __init__(self, vllm_config: Any, engine_indexes: list[int] | None = None):
@@ -104,6 +108,10 @@ class UniPrefillPrometheusLogger(PrometheusStatLogger):
             "Share of a pruned prompt's tokens kept after the last drop layer.",
             KEPT_SHARE_BUCKETS,
         )
+        self.fallbacks = counter(
+            "fallbacks",
+            "Requests whose pruning failed inside UniPrefill and that were computed unpruned.",
+        )
         self.selection_seconds = histogram(
             "selection_seconds",
             "Time in UniPrefill's token selection per scoring step (all drop layers).",
@@ -132,6 +140,8 @@ class UniPrefillPrometheusLogger(PrometheusStatLogger):
             self.kept_share[engine_idx].observe(kept[-1] / kept[0])
         for seconds in report["selection_s"]:
             self.selection_seconds[engine_idx].observe(seconds)
+        if report["fallbacks"]:
+            self.fallbacks[engine_idx].inc(len(report["fallbacks"]))
 
 
 def wrap_stat_logger_manager_init(original: Callable[..., Any]) -> Callable[..., Any]:

@@ -37,8 +37,10 @@ it is the same fresh prompt), otherwise it runs unpruned.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import inspect
+import os
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -54,19 +56,11 @@ from vllm.v1.outputs import ModelRunnerOutput
 from uniprefill.accounting import pruned_prompt
 from uniprefill.config import CONFIG_KEY, UniPrefillConfig
 from uniprefill.ops import select_tokens
-from uniprefill.requests import question_breaks, request_p, scoring_queries
-from uniprefill.vllm_glue.coupling import (
-    COMPILED_MODULE_ATTRIBUTES,
-    raise_if_missing,
-    runner_missing_attributes,
-)
-from uniprefill.vllm_glue.log import get_logger
-from uniprefill.vllm_glue.metrics import REPORT_ATTRIBUTE, new_report
-from uniprefill.vllm_glue.stage_metadata import install_stage_metadata, layers_by_stage
-from uniprefill.vllm_glue.step_plan import (
+from uniprefill.step_plan import (
     ScheduledRequest,
     StageRows,
     StepPlan,
+    StepPruning,
     all_stages,
     first_stage,
     joined_stage,
@@ -74,9 +68,20 @@ from uniprefill.vllm_glue.step_plan import (
     plan_step,
     pruned_offsets,
 )
+from uniprefill.vllm_glue.coupling import (
+    COMPILED_MODULE_ATTRIBUTES,
+    raise_if_missing,
+    runner_missing_attributes,
+)
+from uniprefill.vllm_glue.log import get_logger
+from uniprefill.vllm_glue.metrics import REPORT_ATTRIBUTE, STEP_FIELD, new_report
+from uniprefill.vllm_glue.stage_metadata import install_stage_metadata, layers_by_stage
 
 logger = get_logger(__name__)
 RECENT_PRUNES = 256  # pruned prompts remembered for the status RPC and benchmarks (bounded)
+# Tests only: with this set to "selection" in a worker's environment, its selection raises, so
+# a real engine shows its fallback (tests/e2e/test_robustness.py).
+FAULT_ENV = "UNIPREFILL_TEST_FAULT"
 EAGER_WARM_UP_TOKENS = 256  # rows of the start-up step that warms the eager path up
 
 
@@ -135,7 +140,7 @@ class Pruner:
         self.config = config
         self.rule = config.rule
         self.drops = tuple(config.drop_layers)
-        self.breaks = question_breaks(config, runner.model_config)
+        self.step_pruning: StepPruning = {}  # the scheduler's plan for the coming step
         tp = runner.vllm_config.parallel_config.tensor_parallel_size
         self.reduce_block_scores = _summed_over_ranks if tp > 1 else None
         self.kv_offsets: dict[str, tuple[int, ...]] = {}  # live pruned requests -> stages 1..S
@@ -205,6 +210,8 @@ class Pruner:
             if rows == 0:
                 raise _AllRowsHeld(output[0])
         started = time.perf_counter()
+        if os.environ.get(FAULT_ENV) == "selection":
+            raise RuntimeError(f"UniPrefill test fault ({FAULT_ENV}=selection)")
         selection = select_tokens(
             q.view(rows, attention.num_heads, attention.head_size),
             k.view(rows, attention.num_kv_heads, attention.head_size),
@@ -262,41 +269,67 @@ class Pruner:
 
     # ---- per step ----------------------------------------------------------------------------
 
-    def plan(self) -> StepPlan | None:
-        """This step's plan, from the runner's batch and the live pruned requests."""
+    def plan(self, step: StepPruning) -> StepPlan | None:
+        """This step's plan: the scheduler's (`step`), over the runner's batch and the pruned
+        requests' state here."""
         runner = self.runner
         batch = runner.input_batch
         num_reqs = batch.num_reqs
         lens = runner.query_start_loc.cpu[: num_reqs + 1].diff().tolist()
         computed = batch.num_computed_tokens_cpu[:num_reqs].tolist()
-        scheduled = []
-        for i, req_id in enumerate(batch.req_ids[:num_reqs]):
-            state = runner.requests[req_id]
-            # Only a fresh prompt may be scored: decodes and pruned prompts skip the count.
-            fresh = not state.output_token_ids and req_id not in self.kv_offsets
-            scheduled.append(
-                ScheduledRequest(
-                    req_id=req_id,
-                    num_rows=lens[i],
-                    num_computed=computed[i],
-                    prompt_len=state.num_prompt_tokens,
-                    num_generated=len(state.output_token_ids),
-                    p=request_p(self.config, state.sampling_params),
-                    kv_offsets=self.kv_offsets.get(req_id),
-                    held_rows=self.held[req_id].num_rows if req_id in self.held else 0,
-                    queries=scoring_queries(self.config, state.prompt_token_ids, self.breaks)
-                    if fresh
-                    else None,
-                )
+        scheduled = [
+            ScheduledRequest(
+                req_id=req_id,
+                num_rows=lens[i],
+                num_computed=computed[i],
+                prompt_len=runner.requests[req_id].num_prompt_tokens,
+                pruning=step.get(req_id),
+                kv_offsets=self.kv_offsets.get(req_id),
+                held_rows=self.held[req_id].num_rows if req_id in self.held else 0,
             )
-        return plan_step(scheduled, len(self.drops) + 1, self.rule)
+            for i, req_id in enumerate(batch.req_ids[:num_reqs])
+        ]
+        return plan_step(scheduled, len(self.drops) + 1)
 
     def run(self, forward: Any, input_ids: Any, positions: torch.Tensor, **kwargs: Any) -> Any:
-        """The model forward of one step, pruned where the step calls for it."""
-        plan = self.plan()
+        """The model forward of one step, pruned where the scheduler's plan says.
+
+        A failure in any of it (plan, selection, held rows, stage metadata) does not end the
+        engine: the step runs again as vLLM's own forward, every token kept, and the requests
+        it pruned or held are reported as fallbacks; the scheduler drops their token and has
+        them recomputed unpruned."""
+        step, self.step_pruning = self.step_pruning, {}
+        context = get_forward_context()
+        metadata = _forward_metadata(context)
+        try:
+            return self._run_planned(step, context, forward, input_ids, positions, **kwargs)
+        except Exception:
+            concerned = self._concerned(step)
+            logger.warning(
+                "UniPrefill: pruning failed in a step of requests %s; they are recomputed "
+                "unpruned, the step's other requests are unaffected",
+                concerned,
+                exc_info=True,
+            )
+            self.forget(concerned)
+            self.unreported["fallbacks"].extend(concerned)
+            _restore_forward_metadata(context, metadata)
+            return forward(input_ids=input_ids, positions=positions, **kwargs)
+
+    def _concerned(self, step: StepPruning) -> list[str]:
+        """The requests of this step whose pruning state a failed step leaves invalid."""
+        batch = self.runner.input_batch
+        return [
+            req_id
+            for req_id in batch.req_ids[: batch.num_reqs]
+            if req_id in step or req_id in self.kv_offsets or req_id in self.held
+        ]
+
+    def _run_planned(self, step: StepPruning, context: Any, forward: Any, input_ids: Any,
+                     positions: torch.Tensor, **kwargs: Any) -> Any:  # fmt: skip
+        plan = self.plan(step)
         if plan is None:
             return forward(input_ids=input_ids, positions=positions, **kwargs)
-        context = get_forward_context()
         # A full CUDA graph replays one attention metadata for all layers; stages need their
         # own, which attention ops read from the forward context only outside a full graph.
         graphs = context.cudagraph_runtime_mode
@@ -358,6 +391,15 @@ class Pruner:
         for req_id in req_ids:
             self.kv_offsets.pop(req_id, None)
             self.held.pop(req_id, None)
+
+
+def _forward_metadata(context: Any) -> tuple[Any, Any]:
+    """Copies of the forward context's per-layer metadata and slots, which stages overwrite."""
+    return tuple(copy.copy(getattr(context, name)) for name in ("attn_metadata", "slot_mapping"))
+
+
+def _restore_forward_metadata(context: Any, saved: tuple[Any, Any]) -> None:
+    context.attn_metadata, context.slot_mapping = saved
 
 
 def _summed_over_ranks(block_scores: torch.Tensor) -> torch.Tensor:
@@ -463,6 +505,7 @@ def wrap_update_states(original: Any) -> Any:
             pruner.forget(scheduler_output.finished_req_ids)
             pruner.forget(scheduler_output.preempted_req_ids or ())
             pruner.forget(scheduler_output.scheduled_cached_reqs.resumed_req_ids)
+            pruner.step_pruning = getattr(scheduler_output, STEP_FIELD, None) or {}
         return original(self, scheduler_output)
 
     return _update_states

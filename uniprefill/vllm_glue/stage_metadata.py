@@ -15,7 +15,7 @@ from vllm.model_executor.models.utils import extract_layer_index
 from vllm.v1.attention.backend import CommonAttentionMetadata
 from vllm.v1.worker.block_table import SlotMappingMode
 
-from uniprefill.vllm_glue.step_plan import StageRows
+from uniprefill.step_plan import StageRows
 
 
 def layers_by_stage(runner: Any, drops: tuple[int, ...]) -> list[list[set[str]]]:

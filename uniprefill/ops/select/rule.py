@@ -12,12 +12,26 @@ from dataclasses import dataclass
 NORMALIZE_OVER = ("all_blocks", "unforced_blocks")
 
 
-def check_p(p: object) -> None:
-    """One top-p mass for every request: a number in (0, 1]."""
+# The smallest p the selection can take: p travels per request as float32, where any smaller
+# positive number (1e-46, 1e-300) rounds to 0. Every p this small keeps the same blocks (the
+# top block, then the forced tokens).
+MIN_P = 2.0**-126  # float32's smallest normal number, about 1.2e-38
+
+
+def p_error(p: object) -> str | None:
+    """What is wrong with a top-p mass, or None: a number (not a bool) in [MIN_P, 1]."""
     if isinstance(p, bool) or not isinstance(p, int | float):
-        raise ValueError(f"p must be a number in (0, 1], got {p!r}")
-    if not 0.0 < p <= 1.0:
-        raise ValueError(f"p must be in (0, 1], got {p}")
+        return f"p must be a number in (0, 1], got {p!r}"
+    if not MIN_P <= p <= 1.0:  # also refuses nan and inf
+        return f"p must be in (0, 1] and at least {MIN_P:.3g} (float32), got {p!r}"
+    return None
+
+
+def check_p(p: object) -> None:
+    """One top-p mass for every request (p_error): ValueError if it is not one."""
+    error = p_error(p)
+    if error:
+        raise ValueError(error)
 
 
 @dataclass(frozen=True, slots=True)

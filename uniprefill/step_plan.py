@@ -1,11 +1,14 @@
 """One model step's pruning plan: records built from the batch, without vLLM.
 
-`plan_step` turns what the scheduler put in a step (`ScheduledRequest`s) and the requests'
-pruning state into a `StepPlan`, once, before the forward. The rows each stage's layers run on
-are a `StageRows` record per stage, numbered from 0 (the embedding and the layers up to and
-including the first drop layer): `first_stage` before the forward, `next_stage` at each drop
-layer, from the previous stage and the drop's selection. When no prompt in the step is scored,
-every stage's rows are known before the forward (`all_stages`).
+The scheduler alone decides which prompts are pruned, with which p and how many scoring queries
+(uniprefill.requests.prompt_plan): each step carries a `PromptPlan` for every pruned prompt whose
+tokens it schedules (`StepPruning`). A worker executes it: `plan_step` turns what the scheduler
+put in the step (`ScheduledRequest`s) and the requests' pruning state into a `StepPlan`, once,
+before the forward. The rows each stage's layers run on are a `StageRows` record per stage,
+numbered from 0 (the embedding and the layers up to and including the first drop layer):
+`first_stage` before the forward, `next_stage` at each drop layer, from the previous stage and
+the drop's selection. When no prompt in the step is scored, every stage's rows are known before
+the forward (`all_stages`).
 
 A pruned prompt may come in chunks, one per step (vLLM's chunked prefill). A chunk that does
 not end the prompt is `deferred`: its rows run stage 0 and then leave the step; the worker holds
@@ -20,13 +23,29 @@ KV offset at stage s is the number of prompt tokens that stage dropped (prompt_l
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 
-from uniprefill.ops.select.common import prunable_mask
-from uniprefill.ops.select.rule import SelectionRule
+
+@dataclass(frozen=True)
+class PromptPlan:
+    """How the scheduler has one prompt pruned: its top-p mass and its scoring queries (its
+    last tokens, which the last chunk must hold)."""
+
+    p: float
+    queries: int
+
+
+# What the scheduler sends with a step: request id -> its plan, for every pruned prompt with
+# tokens in the step (prompt chunks only; a pruned request's decodes need none).
+StepPruning = Mapping[str, PromptPlan]
+
+
+class PlanError(RuntimeError):
+    """A step plan that cannot run (a broken invariant between scheduler and worker): the
+    worker falls back to an unpruned prefill for the requests concerned."""
 
 
 @dataclass(frozen=True)
@@ -37,11 +56,9 @@ class ScheduledRequest:
     num_rows: int  # tokens scheduled for it in this step
     num_computed: int  # its tokens already in the KV cache
     prompt_len: int
-    num_generated: int  # output tokens it has produced so far
-    p: float  # top-p mass it asks for (1.0: not pruned)
+    pruning: PromptPlan | None = None  # the scheduler's plan, if this is a pruned prompt chunk
     kv_offsets: tuple[int, ...] | None = None  # pruned earlier: its offset at stages 1..S
     held_rows: int = 0  # rows of its earlier chunks that the worker holds for the first drop
-    queries: int | None = None  # its last tokens that score it (None: the rule's last_q)
 
 
 @dataclass(frozen=True)
@@ -98,39 +115,41 @@ class StageRows:
         return self.kept_rows is not None or bool(self.kv_offsets.any())
 
 
-def plan_step(
-    requests: Sequence[ScheduledRequest], num_stages: int, rule: SelectionRule
-) -> StepPlan | None:
-    """The step's plan, or None when no request in it is (or was) pruned: a stock step."""
+def plan_step(requests: Sequence[ScheduledRequest], num_stages: int) -> StepPlan | None:
+    """The step's plan, or None when no request in it is (or was) pruned: a stock step.
+
+    Raises PlanError where the scheduler's plan and the worker's state disagree."""
     count = len(requests)
     num_rows = torch.tensor([r.num_rows for r in requests], dtype=torch.int64)
     scored = torch.zeros(count, dtype=torch.bool)
     p = torch.ones(count, dtype=torch.float32)
-    queries = torch.tensor([r.queries or rule.last_q for r in requests], dtype=torch.int64)
+    queries = torch.tensor([r.pruning.queries if r.pruning else 1 for r in requests],
+                           dtype=torch.int64)  # fmt: skip
     earlier = torch.zeros(num_stages, count, dtype=torch.int64)
     deferred = torch.zeros(count, dtype=torch.bool)
     held = torch.zeros(count, dtype=torch.int64)
     for i, request in enumerate(requests):
         if request.kv_offsets is not None:
+            if request.pruning is not None:
+                raise PlanError(f"request {request.req_id} is planned as a prompt to prune, "
+                                "but it was pruned already")  # fmt: skip
             earlier[1:, i] = torch.tensor(request.kv_offsets, dtype=torch.int64)
-        elif request.num_generated == 0 and bool(
-            prunable_mask(request.prompt_len, p=request.p, rule=rule, queries=int(queries[i]))
-        ):
+        elif request.pruning is not None:
             if request.held_rows != request.num_computed:
-                raise RuntimeError(
-                    f"UniPrefill: request {request.req_id} has {request.num_computed} prompt "
-                    f"tokens computed but {request.held_rows} held for its first drop layer"
+                raise PlanError(
+                    f"request {request.req_id} has {request.num_computed} prompt tokens "
+                    f"computed but {request.held_rows} held for its first drop layer"
                 )
             if request.num_computed + request.num_rows < request.prompt_len:
                 deferred[i] = True
-            elif request.held_rows and request.num_rows < queries[i]:
-                raise RuntimeError(
-                    f"UniPrefill: the last chunk of request {request.req_id} has "
-                    f"{request.num_rows} tokens, fewer than its {int(queries[i])} scoring queries"
+            elif request.num_rows < queries[i]:
+                raise PlanError(
+                    f"the last chunk of request {request.req_id} has {request.num_rows} "
+                    f"tokens, fewer than its {int(queries[i])} scoring queries"
                 )
             else:
                 scored[i] = True
-                p[i] = request.p
+                p[i] = request.pruning.p
                 held[i] = request.held_rows
     if not scored.any() and not deferred.any() and not earlier.any():
         return None
