@@ -48,11 +48,11 @@ def main() -> None:
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the worker runs in this process
     from vllm import LLM, SamplingParams
 
-    from uniprefill.vllm_glue import pruning
+    from uniprefill.vllm_glue import pruner
 
     spent = {"plan": 0.0, "metadata": 0.0}
-    pruning.Pruner.plan = timed(spent, "plan", pruning.Pruner.plan)
-    pruning.install_stage_metadata = timed(spent, "metadata", pruning.install_stage_metadata)
+    pruner.Pruner.plan = timed(spent, "plan", pruner.Pruner.plan)
+    pruner.install_stage_metadata = timed(spent, "metadata", pruner.install_stage_metadata)
     llm = LLM(model=str(models.prepare(args.model)), dtype=args.dtype, enforce_eager=args.eager,
               max_model_len=args.input_len + args.steps + 8, enable_prefix_caching=False,
               additional_config={"uniprefill": json.loads(args.uniprefill)})  # fmt: skip

@@ -254,3 +254,12 @@ def auto_drop_layers(layer_types: Sequence[str], rule: str = "auto") -> tuple[in
             chosen.append(layer)
         seen_full = True
     return tuple(chosen)
+
+
+def settings_in(additional_config: Mapping[str, Any] | None) -> UniPrefillConfig | None:
+    """The UniPrefill settings an engine's `additional_config` carries, or None where UniPrefill
+    is off for it (no "uniprefill" key, or `enabled: false`): the one test of "enabled" for every
+    process. Bad settings raise ValueError."""
+    raw = (additional_config or {}).get(CONFIG_KEY)
+    config = UniPrefillConfig.from_dict(raw) if raw is not None else None
+    return config if config is not None and config.enabled else None

@@ -37,9 +37,9 @@ def cpu_has_native_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def default_dtype() -> str:
+def default_dtype(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
     """float32 where bf16 would be emulated (measured ~3x slower prefill here), else vLLM's auto."""
-    return "float32" if is_cpu_backend() and not cpu_has_native_bf16() else "auto"
+    return "float32" if is_cpu_backend() and not cpu_has_native_bf16(cpuinfo) else "auto"
 
 
 def vllm_executable() -> str:
@@ -68,12 +68,6 @@ def serve_command(
     return cmd + list(extra_args)
 
 
-# vLLM gives up on a model step after 300 s by default and kills the engine; a whole 8K-token
-# prompt step took longer than that on a busy 2-core CPU here (a pruned prompt's last chunk
-# carries the layers after the first drop for all its kept tokens).
-STEP_TIMEOUT_S = 3600
-
-
 def tensor_parallel_size(vllm_args: Sequence[str]) -> int:
     """The tensor-parallel size `vllm serve` arguments ask for (1 if none)."""
     args = list(vllm_args)
@@ -96,14 +90,13 @@ def cpu_threads_bind(ranks: int, cores: int) -> str:
 
 
 def serve_env(kv_cache_gib: int | None = None, tensor_parallel_size: int = 1) -> dict[str, str]:
-    """The server's environment: a CPU KV-cache size that starts here, a model-step timeout
-    that fits CPU prefill and, on the CPU backend with tensor parallelism, a share of the cores
-    for each rank (vLLM's CPU workers need one), unless the user set them."""
+    """The server's environment: a CPU KV-cache size that starts here and, on the CPU backend
+    with tensor parallelism, a share of the cores for each rank (vLLM's CPU workers need one),
+    unless the user set them."""
     env = dict(os.environ)
     if tensor_parallel_size > 1 and is_cpu_backend():
         cores = len(os.sched_getaffinity(0))
         env.setdefault("VLLM_CPU_OMP_THREADS_BIND", cpu_threads_bind(tensor_parallel_size, cores))
-    env.setdefault("VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS", str(STEP_TIMEOUT_S))
     if kv_cache_gib is not None:
         env["VLLM_CPU_KVCACHE_SPACE"] = str(kv_cache_gib)
     else:

@@ -96,6 +96,43 @@ def check_against_reference(
     return determined
 
 
+def assert_selections_are_the_oracles(by_rank: list[list[dict]], settings: dict) -> int:
+    """Every selection an engine ran (each rank's `uniprefill_selections` records, in step
+    order) kept exactly the rows the oracle keeps on the queries and keys that selection saw,
+    with the engine's own p and query counts; under tensor parallelism the ranks' oracle block
+    scores are summed, as the engine sums them. Returns how many selections pruned rows."""
+    from uniprefill.config import UniPrefillConfig
+    from uniprefill.ops import select_tokens
+
+    rule = UniPrefillConfig.from_dict(settings).rule
+    assert by_rank and all(len(r) == len(by_rank[0]) for r in by_rank)
+    pruned = 0
+    for records in zip(*by_rank, strict=True):
+        inputs = [
+            dict(
+                q=torch.tensor(r["q"]),
+                k=torch.tensor(r["k"]),
+                cu_seqlens=torch.tensor(r["cu_seqlens"], dtype=torch.int32),
+                p=torch.tensor(r["p"], dtype=torch.float32),
+                queries=torch.tensor(r["queries"]),
+            )
+            for r in records
+        ]
+        # each rank's own block scores, then the oracle again with their sum (the engine's)
+        own = [select_tokens(**args, rule=rule, backend="oracle").block_scores for args in inputs]
+        summed = _replaced_by(torch.stack(own).sum(0))
+        for record, args in zip(records, inputs, strict=True):
+            oracle = select_tokens(**args, rule=rule, backend="oracle", reduce_block_scores=summed)
+            assert oracle.kept_indices.tolist() == record["kept"], (record["stage"], rule)
+        rows = len(records[0]["positions"])
+        pruned += len(records[0]["kept"]) < rows
+    return pruned
+
+
+def _replaced_by(total: torch.Tensor):
+    return lambda _own: total
+
+
 def pruning_state(worker: dict) -> tuple[dict, dict]:
     """A worker's `uniprefill_requests` answer as (live, recent), keyed by request ids as the
     caller gave them (the engine appends a random suffix to each)."""

@@ -1,6 +1,7 @@
 """Settings checked against the real model when vLLM builds its engine config."""
 
 import json
+import os
 import shutil
 
 import pytest
@@ -35,6 +36,17 @@ def test_resolved_settings_reach_the_engine_config(prepared):
     assert vllm_config.additional_config["uniprefill"]["p"] == 0.95
     assert vllm_config.scheduler_config.scheduler_cls.endswith("UniPrefillScheduler")
     assert vllm_config.parallel_config.worker_extension_cls.endswith("UniPrefillWorkerExtension")
+
+
+def test_an_enabled_engine_allows_long_steps_unless_the_user_chose(prepared, monkeypatch):
+    """`vllm serve --plugin uniprefill` as much as `uniprefill serve`: vLLM's 300 s step limit
+    would kill the engine in a long pruned prompt's scoring step on a slow CPU."""
+    monkeypatch.delenv("VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS", raising=False)
+    _engine_config(prepared("tiny-llama"), {})
+    assert os.environ["VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS"] == "3600"
+    monkeypatch.setenv("VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS", "60")
+    _engine_config(prepared("tiny-llama"), {})
+    assert os.environ["VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS"] == "60"
 
 
 def test_drop_layer_outside_the_model(prepared):

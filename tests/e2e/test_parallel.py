@@ -19,6 +19,7 @@ from vllm.engine.arg_utils import EngineArgs
 
 from tests.e2e.helpers import (
     TINY_SETTINGS,
+    assert_selections_are_the_oracles,
     check_against_reference,
     offline_llm,
     random_prompts,
@@ -27,13 +28,16 @@ from tests.e2e.helpers import (
     vllm_dtype,
 )
 from uniprefill import plugin, serve
+from uniprefill.vllm_glue.hooks import RECORD_ENV
 
 STEP_BUDGET = 256  # prompts come in chunks
 
 
 def _run(model_dir, dtype: str, tp: int, monkeypatch) -> tuple[list, dict, list]:
     """Greedy tokens of random_prompts(), each rank's keep counts by request index, and each
-    prompt's first-token logprobs (top 20 and the chosen one)."""
+    prompt's first-token logprobs (top 20 and the chosen one). Every selection each rank ran
+    is checked against the oracle on what it saw (exact)."""
+    monkeypatch.setenv(RECORD_ENV, "1")
     if tp > 1:
         monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", serve.cpu_threads_bind(tp, tp))
     settings = {"additional_config": {"uniprefill": TINY_SETTINGS}}
@@ -43,6 +47,9 @@ def _run(model_dir, dtype: str, tp: int, monkeypatch) -> tuple[list, dict, list]
         params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=20)
         outputs = llm.generate([{"prompt_token_ids": p} for p in random_prompts()], params)
         ranks = llm.collective_rpc("uniprefill_requests")
+        selections = llm.collective_rpc("uniprefill_selections")
+    assert len(selections) == tp
+    assert assert_selections_are_the_oracles(selections, TINY_SETTINGS) >= 1
     tokens = [list(out.outputs[0].token_ids) for out in outputs]
     kept = [{r["req_id"].split("-")[0]: r["kept"] for r in rank["recent"]} for rank in ranks]
     first = [{t: lp.logprob for t, lp in out.outputs[0].logprobs[0].items()} for out in outputs]

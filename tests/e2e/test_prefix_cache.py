@@ -147,4 +147,4 @@ def test_repeat_of_a_pruned_turn_is_pruned_again_under_prune(prepared):
         tokens, cached, kept = talk.turn()
     assert cached == 0 and kept[-1] < kept[0]
     model_dir = prepared("tiny-llama")
-    check_against_reference(model_dir, [talk.prompt], settings, [kept], [tokens])
+    assert check_against_reference(model_dir, [talk.prompt], settings, [kept], [tokens]) == 1

@@ -26,7 +26,7 @@ from tests.e2e.test_pruning import (
     prunes_of,
     tokens_of,
 )
-from uniprefill.vllm_glue.pruning import FAULT_ENV
+from uniprefill.vllm_glue.hooks import FAULT_ENV
 
 THRESHOLD = 16  # long_prefill_token_threshold: below the 32 scoring queries of these prompts
 

@@ -158,3 +158,18 @@ def test_a_reported_fallback_drops_the_token_and_recomputes_the_prompt_unpruned(
     out, plan, _ = run_step(sched)
     assert "a" in out.preempted_req_ids and plan is None  # recomputed, not planned
     assert a.num_output_tokens == 1
+
+
+def test_a_prompt_that_would_pass_the_held_token_budget_is_prefilled_unpruned(scheduler):
+    """max_held_tokens 700: the first 600-token prompt is held in chunks and pruned; the second,
+    starting while the first is held, would hold 1,200: it runs unpruned, in no step's plan."""
+    sched = scheduler(threshold=128, settings={**SETTINGS, "max_held_tokens": 700})
+    sched.add_request(request("first", 600, seed=8))
+    sched.add_request(request("second", 600, seed=9))
+    planned = set()
+    while any(sched.requests[r].num_output_tokens == 0 for r in ("first", "second")
+              if r in sched.requests):  # fmt: skip
+        _, plan, _ = run_step(sched)
+        planned |= set(plan or ())
+    assert planned == {"first"}
+    assert "second" not in sched.pruned and sched.held_tokens == {}

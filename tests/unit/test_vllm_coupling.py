@@ -76,6 +76,24 @@ def test_compiled_modules_carry_the_attributes_used():
         assert f"self.{name} = " in source and f"if self.{name}" in source
 
 
+def test_attention_sets_the_shapes_read():
+    from vllm.model_executor.layers.attention import Attention
+
+    source = inspect.getsource(Attention.__init__)
+    for name in coupling.ATTENTION_ATTRIBUTES:
+        assert f"self.{name} = " in source, name
+
+
+@pytest.mark.parametrize("target", coupling.ATTRIBUTES_SET, ids=str)
+def test_attributes_set_on_instances_are_free_and_travel(target):
+    """Set on a dataclass without __slots__ and not among its fields: pickle carries them."""
+    import dataclasses
+
+    owner = coupling.resolve(target)
+    assert "__slots__" not in vars(owner)
+    assert not set(coupling.ATTRIBUTES_SET[target]) & {f.name for f in dataclasses.fields(owner)}
+
+
 def test_request_state_sets_the_attributes_used():
     from vllm.v1.worker.gpu_input_batch import CachedRequestState
 
@@ -134,7 +152,9 @@ def test_every_scheduler_override_is_in_the_ledger():
 
 def test_every_runner_attribute_the_pruner_reads_is_in_the_ledger():
     glue = ROOT / "uniprefill" / "vllm_glue"
-    source = "".join((glue / name).read_text() for name in ("pruning.py", "stage_metadata.py"))
+    source = "".join(
+        (glue / name).read_text() for name in ("pruner.py", "hooks.py", "stage_metadata.py")
+    )
     read = set(re.findall(r"\brunner\.(\w+)", source)) - {"__dict__", "_uniprefill"}  # ours
     read |= {f"input_batch.{name}" for name in re.findall(r"\bbatch\.(\w+)", source)}
     listed = {path.split(".")[0] for path in coupling.RUNNER_ATTRIBUTES}

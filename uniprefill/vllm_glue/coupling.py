@@ -7,9 +7,19 @@ vLLM makes no promise about any of these; they are what ties UniPrefill to one v
 - IMPORTS: vLLM internals imported by name (signatures for the callables called);
 - FIELDS: dataclass fields read or written;
 - ENVIRONMENT: vLLM environment variables UniPrefill sets;
-- CONFIG_ATTRIBUTES, RUNNER_ATTRIBUTES, SCHEDULER_ATTRIBUTES, REQUEST_ATTRIBUTES: attributes read
-  on live objects, some of which exist only once an engine is built; the scheduler and the
-  pruner check theirs when they start (`raise_if_missing`).
+- CONFIG_ATTRIBUTES, RUNNER_ATTRIBUTES, SCHEDULER_ATTRIBUTES, REQUEST_ATTRIBUTES,
+  ATTENTION_ATTRIBUTES, ...: attributes read on live objects, some of which exist only once an
+  engine is built; the scheduler and the pruner check theirs when they start
+  (`raise_if_missing`);
+- ATTRIBUTES_SET: attributes UniPrefill sets on instances of vLLM classes without declaring
+  them (they travel with the instance's __dict__ in pickle).
+
+Why the workers' reports ride on `ModelRunnerOutput` rather than vLLM's KV-connector route
+(`build_connector_worker_meta` to the scheduler, `get_kv_connector_stats` and
+`build_prom_metrics` to /metrics): that route exists only for an engine configured with a KV
+connector (`kv_transfer_config`), which UniPrefill refuses at start (its compacted KV is not what
+a connector may store or send) and which would claim the one connector slot users need for
+LMCache or NIXL.
 
 A signature is the parameter names the code was written for. `tests/unit/test_vllm_coupling.py`
 checks every entry against the installed vLLM, and that the code uses nothing unlisted, so a
@@ -101,7 +111,7 @@ PATCHES: tuple[Patch, ...] = (
     ),
     Patch(
         target="vllm.v1.worker.gpu_model_runner:GPUModelRunner._model_forward",
-        wrap="uniprefill.vllm_glue.pruning:wrap_model_forward",
+        wrap="uniprefill.vllm_glue.runner_patches:wrap_model_forward",
         signature=(
             "self",
             "input_ids",
@@ -115,7 +125,7 @@ PATCHES: tuple[Patch, ...] = (
     ),
     Patch(
         target="vllm.v1.worker.gpu_model_runner:GPUModelRunner.profile_run",
-        wrap="uniprefill.vllm_glue.pruning:wrap_profile_run",
+        wrap="uniprefill.vllm_glue.runner_patches:wrap_profile_run",
         signature=("self", "randomize_inputs"),
         why="after vLLM's warm-up, one small dummy step through the model's plain forward "
         "compiles the ops vLLM compiles on their own for that path (scoring steps run it), so "
@@ -124,7 +134,7 @@ PATCHES: tuple[Patch, ...] = (
     ),
     Patch(
         target="vllm.v1.worker.gpu_model_runner:GPUModelRunner.sample_tokens",
-        wrap="uniprefill.vllm_glue.pruning:wrap_sample_tokens",
+        wrap="uniprefill.vllm_glue.runner_patches:wrap_sample_tokens",
         signature=("self", "grammar_output"),
         why="puts what pruning did (keep counts, selection time) on the step's ModelRunnerOutput, "
         "the one object every worker's step sends to the scheduler (metrics.py)",
@@ -149,7 +159,7 @@ PATCHES: tuple[Patch, ...] = (
     ),
     Patch(
         target="vllm.v1.worker.gpu_model_runner:GPUModelRunner._update_states",
-        wrap="uniprefill.vllm_glue.pruning:wrap_update_states",
+        wrap="uniprefill.vllm_glue.runner_patches:wrap_update_states",
         signature=("self", "scheduler_output"),
         why="drops a request's per-stage KV offsets when it finishes, is aborted or preempted",
         scope="worker",
@@ -305,7 +315,7 @@ FIELDS: dict[str, tuple[str, ...]] = {
         "async_scheduling",
         "distributed_executor_backend",
     ),
-    # set for one step by pruning.Pruner.run (a step that scores prompts runs eager)
+    # set for one step by pruner.Pruner.run and hooks.StageHooks.run (scoring steps run eager)
     "vllm.forward_context:ForwardContext": (
         "skip_compiled",
         "cudagraph_runtime_mode",
@@ -336,6 +346,8 @@ FIELDS: dict[str, tuple[str, ...]] = {
     ),
     # the scheduler drops the sampled token of a request whose pruning failed
     "vllm.v1.outputs:ModelRunnerOutput": ("req_id_to_index", "sampled_token_ids"),
+    # stage_metadata.layers_by_stage: each KV-cache group's layers
+    "vllm.v1.kv_cache_interface:KVCacheGroupSpec": ("layer_names",),
     # raised by the scheduler for a step where a pruned prompt's last chunk waits for more
     "vllm.config:SchedulerConfig": ("long_prefill_token_threshold",),
     "vllm.v1.core.sched.output:CachedRequestData": ("resumed_req_ids",),
@@ -361,8 +373,9 @@ CONFIG_ATTRIBUTES: tuple[str, ...] = (
     "lora_config",
     "model_config.runner_type",
 )
-# Set by engine_args._choose_runner_and_scheduling when the user left it unset.
-ENVIRONMENT: tuple[str, ...] = ("VLLM_USE_V2_MODEL_RUNNER",)
+# Set by engine_args (_choose_runner_and_scheduling, _allow_long_steps) when the user left them
+# unset.
+ENVIRONMENT: tuple[str, ...] = ("VLLM_USE_V2_MODEL_RUNNER", "VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS")
 # Dotted paths from the model runner (`GPUModelRunner`; the CPU runner inherits it).
 RUNNER_ATTRIBUTES: tuple[str, ...] = (
     "model",
@@ -384,10 +397,17 @@ RUNNER_ATTRIBUTES: tuple[str, ...] = (
     "input_batch.num_prompt_tokens_cpu_tensor",
     "input_batch.block_table",
 )
+# Set on instances, not declared: the worker's report on the step's output (metrics.py). Not an
+# Extension: a declared field would break the `dataclasses.replace` copies made of the output.
+ATTRIBUTES_SET: dict[str, tuple[str, ...]] = {
+    "vllm.v1.outputs:ModelRunnerOutput": ("uniprefill",),
+}
 # Set by CachedRequestState.__post_init__ (the runner's `requests` values), read by the pruner.
 REQUEST_STATE_ATTRIBUTES: tuple[str, ...] = ("num_prompt_tokens",)
 # On the model's modules that vLLM's @support_torch_compile made (False: it runs compiled).
 COMPILED_MODULE_ATTRIBUTES: tuple[str, ...] = ("do_not_compile",)
+# On the drop layers' `Attention` modules (hooks.StageHooks reads their shapes), set in __init__.
+ATTENTION_ATTRIBUTES: tuple[str, ...] = ("num_heads", "num_kv_heads", "head_size")
 # Per KV-cache group: runner.input_batch.block_table[gid] and runner.attn_groups[gid][i].
 BLOCK_TABLE_ATTRIBUTES: tuple[str, ...] = ("get_device_tensor", "slot_mapping_mode", "block_size")
 ATTENTION_GROUP_ATTRIBUTES: tuple[str, ...] = ("build_metadata", "layer_names")

@@ -12,7 +12,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from uniprefill.config import CONFIG_KEY, LINEAR_ATTENTION, UniPrefillConfig
+from uniprefill.config import CONFIG_KEY, LINEAR_ATTENTION, UniPrefillConfig, settings_in
 from uniprefill.families import family_of, layer_types
 from uniprefill.vllm_glue.log import get_logger
 from uniprefill.vllm_glue.patches import apply_patches
@@ -167,6 +167,21 @@ def _choose_runner_and_scheduling(engine_args: Any) -> None:
         logger.info("UniPrefill: async scheduling off (its scheduler is synchronous)")
 
 
+# vLLM gives up on a model step after VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS (300 s by default) and
+# kills the engine. A pruned prompt's last chunk carries the layers after the first drop for all
+# its kept tokens: a whole 8K-token prompt step took longer than 300 s on a busy 2-core CPU here.
+STEP_TIMEOUT_S = 3600
+
+
+def _allow_long_steps() -> None:
+    """An unset step timeout becomes STEP_TIMEOUT_S (engine processes inherit it)."""
+    if os.environ.get("VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS") is None:
+        os.environ["VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS"] = str(STEP_TIMEOUT_S)
+        logger.info("UniPrefill: model steps may take up to %d s "
+                    "(VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS; a pruned prompt's scoring step runs "
+                    "its later layers for every kept token)", STEP_TIMEOUT_S)  # fmt: skip
+
+
 def _check_step_budget(vllm_config: Any, config: UniPrefillConfig) -> None:
     """A pruned prompt's last chunk holds its scoring queries: a step must fit them."""
     budget = vllm_config.scheduler_config.max_num_batched_tokens
@@ -206,16 +221,14 @@ def _adjust(engine_args: Any, vllm_config: Any, user_set: dict[str, Any]) -> boo
 
 def wrap_create_engine_config(original: Callable[..., Any]) -> Callable[..., Any]:
     def create_engine_config(self: Any, *args: Any, **kwargs: Any) -> Any:
-        raw = (self.additional_config or {}).get(CONFIG_KEY)
-        if raw is None:
-            return original(self, *args, **kwargs)
-        config = UniPrefillConfig.from_dict(raw)  # fails before the model is even looked at
-        if not config.enabled:
+        config = settings_in(self.additional_config)  # fails before the model is looked at
+        if config is None:
             return original(self, *args, **kwargs)
         _claim(self, "scheduler_cls", SCHEDULER_CLS, unset=None)
         _claim(self, "worker_extension_cls", WORKER_EXTENSION_CLS, unset="")
         _check_executor(self)
         _choose_runner_and_scheduling(self)
+        _allow_long_steps()
         # vLLM fills its defaults into these fields: note what the user set first.
         user_set = {name: getattr(self, name) for name in ADJUSTED}
         vllm_config = original(self, *args, **kwargs)

@@ -2,10 +2,10 @@
 
 The route, across processes and TP ranks:
 1. each worker's pruner adds what it did since its last report (pruned prompts with their keep
-   counts, the selection's time per scoring step) to the step's `ModelRunnerOutput`, as the
-   attribute REPORT_ATTRIBUTE (pruning.wrap_sample_tokens). The output reaches the scheduler as
-   an object (one process) or pickled (multiprocess executors); with TP it is the output rank's,
-   and every rank keeps the same tokens;
+   counts, the selection's time per scoring step, fallbacks) to the step's `ModelRunnerOutput`,
+   as the attribute REPORT_ATTRIBUTE (runner_patches.wrap_sample_tokens; coupling.ATTRIBUTES_SET).
+   The output reaches the scheduler as an object (one process) or pickled (multiprocess
+   executors); with TP it is the output rank's, and every rank keeps the same tokens;
 2. the scheduler logs each pruned prompt and, with stats on, puts the reports into its next
    `SchedulerStats`, in the field STATS_FIELD (scheduler_patches.UniPrefillScheduler.make_stats).
    vLLM sends those stats to the front end with msgspec, which carries a dataclass's declared
@@ -28,12 +28,12 @@ from typing import Any
 from vllm.v1.metrics.loggers import PrometheusStatLogger
 from vllm.v1.metrics.utils import create_metric_per_engine
 
-from uniprefill.config import CONFIG_KEY
+from uniprefill.config import CONFIG_KEY, settings_in
 from uniprefill.vllm_glue.log import get_logger
 
 logger = get_logger(__name__)
 
-REPORT_ATTRIBUTE = "uniprefill"  # on a ModelRunnerOutput: a worker's Pruner.take_report()
+REPORT_ATTRIBUTE = "uniprefill"  # on a ModelRunnerOutput: a worker's RequestState.take_report()
 STATS_FIELD = "uniprefill"  # on SchedulerStats: the reports since the last stats
 STEP_FIELD = "uniprefill"  # on SchedulerOutput: the step's plan (step_plan.StepPruning) or None
 KEPT_SHARE_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
@@ -45,11 +45,6 @@ def new_report() -> dict[str, list]:
     seconds per scoring step, and the ids of requests whose pruning failed and fell back to an
     unpruned prefill. Workers fill one per step, the scheduler gathers them for stats."""
     return {"prompts": [], "selection_s": [], "fallbacks": []}
-
-
-def uniprefill_enabled(vllm_config: Any) -> bool:
-    settings = (vllm_config.additional_config or {}).get(CONFIG_KEY)
-    return settings is not None and settings.get("enabled", True) is not False
 
 
 class UniPrefillPrometheusLogger(PrometheusStatLogger):
@@ -151,7 +146,7 @@ def wrap_stat_logger_manager_init(original: Callable[..., Any]) -> Callable[...,
         user_prometheus = any(
             isinstance(f, type) and issubclass(f, PrometheusStatLogger) for f in loggers
         )
-        if uniprefill_enabled(vllm_config):
+        if settings_in(vllm_config.additional_config) is not None:
             if user_prometheus:
                 logger.warning("UniPrefill: a custom Prometheus stat logger was given; "
                                "UniPrefill's metrics are left out of /metrics")  # fmt: skip

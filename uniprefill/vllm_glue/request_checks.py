@@ -12,7 +12,7 @@ from typing import Any
 from vllm.exceptions import VLLMValidationError
 from vllm.sampling_params import SamplingParams
 
-from uniprefill.config import CONFIG_KEY, UniPrefillConfig
+from uniprefill.config import CONFIG_KEY, settings_in
 from uniprefill.families import layer_types
 from uniprefill.requests import KEYS, PRESET_KEY, RequestFieldError, parse_request_controls
 
@@ -32,11 +32,11 @@ def check_request(params: Any, vllm_config: Any) -> None:
             parameter=error.field,
         ) from None
     preset = (params.extra_args or {}).get(PRESET_KEY)
-    settings = (vllm_config.additional_config or {}).get(CONFIG_KEY)
-    if preset is None or settings is None:
+    config = settings_in(vllm_config.additional_config)
+    if preset is None or config is None:
         return
     kinds = layer_types(vllm_config.model_config.hf_text_config)
-    mismatch = UniPrefillConfig.from_dict(settings).preset_mismatch(preset, kinds)
+    mismatch = config.preset_mismatch(preset, kinds)
     if mismatch:
         raise RequestControlError(
             f"{PRESET_KEY} {preset!r} needs {'; '.join(mismatch)}: those settings apply to the "

@@ -13,7 +13,7 @@ from typing import Any
 from uniprefill.config import CONFIG_KEY
 from uniprefill.vllm_glue.coupling import runner_missing_attributes
 from uniprefill.vllm_glue.patches import applied_patches, apply_patches
-from uniprefill.vllm_glue.pruning import pruner_of
+from uniprefill.vllm_glue.runner_patches import pruner_of
 
 apply_patches("worker")
 
@@ -42,11 +42,24 @@ class UniPrefillWorkerExtension:
         pruner = pruner_of(self.model_runner)
         if pruner is None:
             return {"live": {}, "held": {}, "recent": [], "eager_steps": 0}
-        live = {req_id: list(offsets) for req_id, offsets in pruner.kv_offsets.items()}
-        held = {req_id: [h.num_rows, h.nbytes] for req_id, h in pruner.held.items()}
+        state = pruner.state
+        live = {req_id: list(offsets) for req_id, offsets in state.kv_offsets.items()}
+        held = {req_id: [h.num_rows, h.nbytes] for req_id, h in state.held.items()}
         return {
             "live": live,
             "held": held,
-            "recent": list(pruner.recent),
+            "recent": list(state.recent),
             "eager_steps": pruner.eager_steps,
         }
+
+    def uniprefill_selections(self) -> list[dict]:
+        """Tests only: every selection this worker ran since the last call (what it saw and
+        kept, hooks._selection_record), when its engine started with hooks.RECORD_ENV set;
+        else an empty list."""
+        pruner = pruner_of(self.model_runner)
+        records = pruner.hooks.selections if pruner is not None else None
+        if not records:
+            return []
+        taken = list(records)
+        records.clear()
+        return taken
