@@ -14,6 +14,7 @@ each step (uniprefill.step_plan). No vLLM import here.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
@@ -139,14 +140,28 @@ def prompt_plan(
     return PromptPlan(p=p, queries=queries)
 
 
+# Chat-template markup that closes the user's turn and opens the assistant's, at a prompt's
+# end: special-token text (<|eot_id|>, <|im_end|>, <end_of_turn>, <|end|>, [/INST], </s>,
+# <｜Assistant｜>, <think></think>), a role name right after such markup, and whitespace.
+# Matched on the tokens' text, so it is found whether the tokenizer has these as special
+# tokens or splits them into pieces (a template served with another family's tokenizer).
+_MARKUP = r"<\|[^<>|\s]{1,40}\|>|<｜[^<>｜]{1,40}｜>|</?[a-z_]{1,20}>|\[/?INST\]"
+_ROLE = r"(?:assistant|model|Assistant|ASSISTANT|bot)"
+TEMPLATE_TAIL = re.compile(rf"(?:{_MARKUP}|(?<=[>\]]){_ROLE}|\s)+\Z")
+MAX_TAIL_TOKENS = 64  # the most tokens of a prompt's end read as template markup
+
+
 @dataclass(frozen=True)
 class ParagraphBreaks:
-    """Which tokens make a blank line: one token holding "\n\n", or a token starting with a
-    newline right after one ending with a newline (tokenizers that split newlines apart)."""
+    """A tokenizer's view of a prompt's end: which tokens make a blank line (one token holding
+    "\n\n", or a token starting with a newline right after one ending with a newline, for
+    tokenizers that split newlines apart), and each token's text, from which the chat
+    template's closing markup is read (`tail`)."""
 
     inside: frozenset[int] = frozenset()
     ends: frozenset[int] = frozenset()
     starts: frozenset[int] = frozenset()
+    texts: tuple[str, ...] = ()  # by token id
 
     def __bool__(self) -> bool:
         return bool(self.inside or self.starts)
@@ -157,6 +172,25 @@ class ParagraphBreaks:
             i > 0 and ids[i] in self.starts and ids[i - 1] in self.ends
         )
 
+    def tail(self, ids: Sequence[int]) -> int:
+        """How many of the prompt's last tokens are chat-template markup (TEMPLATE_TAIL) and
+        whitespace after the user's text: tokens wholly inside the markup at the end."""
+        last = [
+            self.texts[i] if 0 <= i < len(self.texts) else "\ufffd"
+            for i in ids[-MAX_TAIL_TOKENS:]
+        ]
+        text = "".join(last)
+        match = TEMPLATE_TAIL.search(text)
+        if match is None:
+            return 0
+        count, position = 0, len(text)
+        for piece in reversed(last):
+            position -= len(piece)
+            if position < match.start():
+                break
+            count += 1
+        return count
+
 
 NO_BREAKS = ParagraphBreaks()
 
@@ -166,17 +200,21 @@ def scoring_queries(
 ) -> int:
     """How many of a prompt's last tokens score it (config.queries), from its ids alone.
 
-    "question": the tokens after the last blank line (`breaks`) among the last max_queries + 1,
-    at least last_q; none there (e.g. a raw completion prompt with no blank line near its end,
-    or prompt embeddings): last_q.
+    "question": the user's question and what follows it. The chat template's markup at the end
+    (its close of the user's turn and open of the assistant's: `ParagraphBreaks.tail`) is set
+    aside; the question is the text after the last blank line before it, or, with none within
+    reach (a raw completion prompt, a one-paragraph message), the last last_q tokens before it.
+    The queries are those tokens and the markup after them, at least last_q and at most
+    max_queries in all. Without a tokenizer view (prompt embeddings): last_q.
     """
     if config.queries != "question" or not prompt_ids or not breaks:
         return config.last_q
     n = len(prompt_ids)
-    for i in range(n - 1, max(n - config.max_queries - 1, 0) - 1, -1):
+    end = n - breaks.tail(prompt_ids)  # the user's text ends before token `end`
+    for i in range(end - 1, max(n - config.max_queries - 1, 0) - 1, -1):
         if breaks.at(prompt_ids, i):
             return max(config.last_q, n - 1 - i)
-    return config.last_q
+    return min(config.max_queries, max(config.last_q, n - end + config.last_q))
 
 
 def question_breaks(config: UniPrefillConfig, model_config: Any) -> ParagraphBreaks:
@@ -193,15 +231,16 @@ def question_breaks(config: UniPrefillConfig, model_config: Any) -> ParagraphBre
 def paragraph_breaks(
     tokenizer: str, revision: str | None, trust_remote_code: bool
 ) -> ParagraphBreaks:
-    """The model's tokenizer's blank-line tokens."""
+    """The model's tokenizer's blank-line tokens and token texts."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(
         tokenizer, revision=revision, trust_remote_code=trust_remote_code
     )
-    texts = list(enumerate(tok.batch_decode([[i] for i in range(len(tok))])))
+    texts = tok.batch_decode([[i] for i in range(len(tok))])
     return ParagraphBreaks(
-        inside=frozenset(i for i, text in texts if "\n\n" in text),
-        ends=frozenset(i for i, text in texts if text.endswith("\n")),
-        starts=frozenset(i for i, text in texts if text.startswith("\n")),
+        inside=frozenset(i for i, text in enumerate(texts) if "\n\n" in text),
+        ends=frozenset(i for i, text in enumerate(texts) if text.endswith("\n")),
+        starts=frozenset(i for i, text in enumerate(texts) if text.startswith("\n")),
+        texts=tuple(texts),
     )
