@@ -9,6 +9,9 @@ import pytest
 
 # Engines started by tests (in this process or in children) reserve this much KV cache (GiB).
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+# On vLLM's CUDA build, importing its GPU model runner starts two background JIT builds
+# (humming-kernels), which the leftover-process guard below would report.
+os.environ.setdefault("HUMMING_DISABLE_PARALLEL_BUILD", "1")
 
 TINY_MODELS = ("tiny-llama", "tiny-qwen2", "tiny-gemma3", "tiny-qwen3-next")
 

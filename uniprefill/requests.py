@@ -176,8 +176,7 @@ class ParagraphBreaks:
         """How many of the prompt's last tokens are chat-template markup (TEMPLATE_TAIL) and
         whitespace after the user's text: tokens wholly inside the markup at the end."""
         last = [
-            self.texts[i] if 0 <= i < len(self.texts) else "\ufffd"
-            for i in ids[-MAX_TAIL_TOKENS:]
+            self.texts[i] if 0 <= i < len(self.texts) else "\ufffd" for i in ids[-MAX_TAIL_TOKENS:]
         ]
         text = "".join(last)
         match = TEMPLATE_TAIL.search(text)

@@ -296,8 +296,10 @@ def served_metrics(port: int) -> dict[str, float]:
 
 
 def metrics_of(records: list[dict], drops: list[int]) -> dict[str, float]:
-    """What the metrics must count for these pruned prompts (the worker's records)."""
+    """What the metrics must count for these pruned prompts (the worker's records), none of
+    which fell back."""
     expected = {
+        "fallbacks": 0,
         "pruned_requests": len(records),
         "pruned_prompt_tokens": sum(r["kept"][0] for r in records),
         "token_layers": sum(r["token_layers"] for r in records),
