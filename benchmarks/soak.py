@@ -15,9 +15,9 @@ At the end it checks, and exits non-zero if any fails:
 - memory: each server process's RSS grew, from after the warm-up (the first tenth of the
   requests) to the end, by less than `--max-growth-mib` plus `--max-growth-kib-per-request` for
   each request after the warm-up: a bound in proportion to the run, so a leak of more than that
-  per request fails however long the run. The server runs with glibc told to return large freed blocks
-  (GLIBC_RETURN, as docs/benchmarks.md advises for a long-running CPU server; `--glibc-default`
-  leaves glibc as it is), so RSS follows live memory rather than what the heap keeps;
+  per request fails however long the run. The server runs with glibc told to return large
+  freed blocks (GLIBC_RETURN, as docs/benchmarks.md advises for a long-running CPU server;
+  `--glibc-default` leaves glibc as it is), so RSS follows live memory, not what the heap keeps;
 - a fixed long prompt, pruned, gives the same greedy tokens before and after.
 
     python benchmarks/soak.py --requests 1000 --json results/soak.json --plot soak.png

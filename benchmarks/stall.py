@@ -94,6 +94,7 @@ def main() -> None:
         default=list(ENGINES),
         help="which engines (stock always runs; 'whole' is slow and large at 32K)",
     )
+    parser.add_argument("--warm-up-len", type=int, help="first-call prompt (default: --input-len)")
     parser.add_argument("--kv-cache-gib", type=int, default=2, help="per engine")
     parser.add_argument("--json", help="write the rows and every repeat here")
     args = parser.parse_args()
@@ -106,7 +107,7 @@ def main() -> None:
                                                       args.max_num_batched_tokens))
             for name in engines}  # fmt: skip
     prompts = Prompts(llms["stock"].get_tokenizer(), corpus="code")
-    warm = prompts.take(args.input_len, 1)[0][0]
+    warm = prompts.take(args.warm_up_len or args.input_len, 1)[0][0]
     for llm in llms.values():  # first-call costs (compilation, the first pruned prefill)
         llm.generate([{"prompt_token_ids": warm}], SamplingParams(max_tokens=2))
     runs: dict[str, list[dict]] = {name: [] for name in engines}
