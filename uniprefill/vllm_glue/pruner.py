@@ -79,36 +79,41 @@ class Pruner:
         """The model forward of one step, pruned where the scheduler's plan says; a failure in
         any of it (plan, selection, held rows, stage metadata) falls back (module docstring)."""
         step, self.step_pruning = self.step_pruning, {}
+        try:
+            plan = self.plan(step)
+        except Exception:
+            self._fall_back(step)
+            plan = None
+        if plan is None:  # vLLM's own step: its failures are vLLM's, not caught here
+            return forward(input_ids=input_ids, positions=positions, **kwargs)
         context = get_forward_context()
         metadata = _forward_metadata(context)
         try:
-            return self._run_planned(step, context, forward, input_ids, positions, **kwargs)
+            return self._run_planned(plan, context, forward, input_ids, positions, **kwargs)
         except Exception:
-            concerned = self._concerned(step)
-            logger.warning(
-                "UniPrefill: pruning failed in a step of requests %s; they are recomputed "
-                "unpruned, the step's other requests are unaffected",
-                concerned,
-                exc_info=True,
-            )
-            self.state.fell_back(concerned)
+            self._fall_back(step)
             _restore_forward_metadata(context, metadata)
             return forward(input_ids=input_ids, positions=positions, **kwargs)
 
-    def _concerned(self, step: StepPruning) -> list[str]:
-        """The requests of this step whose pruning state a failed step leaves invalid."""
+    def _fall_back(self, step: StepPruning) -> None:
+        """After a failure in this step's pruning (the exception being handled): the requests
+        whose pruning state it leaves invalid are logged, forgotten and reported."""
         batch, state = self.runner.input_batch, self.state
-        return [
+        concerned = [
             req_id
             for req_id in batch.req_ids[: batch.num_reqs]
             if req_id in step or req_id in state.kv_offsets or req_id in state.held
         ]
+        logger.warning(
+            "UniPrefill: pruning failed in a step of requests %s; they are recomputed "
+            "unpruned, the step's other requests are unaffected",
+            concerned,
+            exc_info=True,
+        )
+        state.fell_back(concerned)
 
-    def _run_planned(self, step: StepPruning, context: Any, forward: Any, input_ids: Any,
+    def _run_planned(self, plan: StepPlan, context: Any, forward: Any, input_ids: Any,
                      positions: torch.Tensor, **kwargs: Any) -> Any:  # fmt: skip
-        plan = self.plan(step)
-        if plan is None:
-            return forward(input_ids=input_ids, positions=positions, **kwargs)
         # A full CUDA graph replays one attention metadata for all layers; stages need their
         # own, which attention ops read from the forward context only outside a full graph.
         graphs = context.cudagraph_runtime_mode
